@@ -1,0 +1,17 @@
+"""ldjax: learning dynamics of LLM finetuning in JAX/Flax.
+
+Where things live:
+
+- ``ldjax.ntk``       the exact empirical NTK and its implicit products (pure JAX, no flax)
+- ``ldjax.dynamics``  the A·K·G decomposition of one update (classification)
+- ``ldjax.squeeze``   the closed-form squeezing lemma and its claims
+- ``ldjax.losses``    SFT and preference losses with their residual coefficients
+- ``ldjax.models``    NNX models: vision nets, causal transformers, Hugging Face import
+- ``ldjax.data``      MNIST (embedded and IDX), preference JSONL, the embedded world
+- ``ldjax.train``     jit-compiled train steps, optimizers, sharding, checkpoints
+
+Submodules are imported on demand so that ``ldjax.ntk`` runs in the neural-tangents oracle
+environment (jax 0.5.3, no flax).
+"""
+
+__version__ = "0.1.0"
