@@ -29,7 +29,7 @@ oracle-venv: $(ORACLE)/.installed
 
 ## The main job on the embedded default (CPU, no download): writes figures, JSON and a report to $(OUT)/
 demo: venv
-	$(VENV)/bin/ldjax demo --out $(OUT)
+	$(PY) -m experiments.demo --out $(OUT)
 
 ## The whole test suite: main environment, then the neural-tangents oracle leg.
 test: venv oracle-venv
