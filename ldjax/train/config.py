@@ -1,0 +1,145 @@
+"""Typed configs of the finetuning engine: optimizer, loop, and the three CLI jobs.
+
+Every config is a flat frozen dataclass so that :func:`ldjax.config.parse_config` can build it
+from flags and a JSON file. The job configs (:class:`PretrainConfig`, :class:`SFTConfig`,
+:class:`DPOConfig`) inherit the optimizer and loop fields, so any of them can be handed to
+:func:`ldjax.train.optim.build_optimizer` or :func:`ldjax.train.loop.train` directly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the engine cannot run with."""
+
+
+def _chain_post_init(self, cls: type) -> None:
+    # Job configs inherit several field groups; each group's checks must run, in MRO order.
+    nxt = getattr(super(cls, self), "__post_init__", None)
+    if nxt is not None:
+        nxt()
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """An optax optimizer with linear warm-up, global-norm clipping and gradient accumulation."""
+
+    optimizer: str = field(default="adamw", metadata={"help": f"one of {OPTIMIZERS}"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (after warm-up)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up from 0 over this many optimizer steps"})
+    schedule: str = field(default="constant", metadata={"help": f"after warm-up: one of {SCHEDULES} (decay to 0 at num_steps)"})
+    clip_norm: float = field(default=0.0, metadata={"help": "clip gradients to this global norm (0 = off)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (adamw only)"})
+    b1: float = field(default=0.9, metadata={"help": "Adam first-moment decay"})
+    b2: float = field(default=0.999, metadata={"help": "Adam second-moment decay"})
+    eps: float = field(default=1e-8, metadata={"help": "Adam/RMSprop epsilon"})
+    rmsprop_decay: float = field(default=0.99, metadata={"help": "RMSprop squared-gradient decay (PyTorch's alpha)"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD/RMSprop momentum (0 = none)"})
+    accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (batch_size must divide)"})
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer: {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule: {self.schedule!r} is not one of {SCHEDULES}")
+        if self.accumulation_steps < 1:
+            raise ConfigError(f"accumulation_steps: must be >= 1, got {self.accumulation_steps}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"clip_norm: must be >= 0, got {self.clip_norm}")
+        _chain_post_init(self, OptimizerConfig)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How long to train, and how often to log, evaluate and checkpoint."""
+
+    num_steps: int = field(default=100, metadata={"help": "optimizer steps to run in total (a resumed run continues to this)"})
+    batch_size: int = field(default=8, metadata={"help": "examples per optimizer step (across all devices and micro-batches)"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order and sampling"})
+    out: str = field(default="runs/default", metadata={"help": "run directory: metrics.jsonl, checkpoints/, config.json"})
+    log_every: int = field(default=1, metadata={"help": "write a metrics line every this many steps"})
+    eval_every: int = field(default=0, metadata={"help": "call the eval hook every this many steps (0 = never)"})
+    checkpoint_every: int = field(default=0, metadata={"help": "save a checkpoint every this many steps (0 = only at the end)"})
+    keep_checkpoints: int = field(default=3, metadata={"help": "keep only the last this many checkpoints"})
+    resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in out/checkpoints if there is one"})
+    progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar (only when stderr is a terminal)"})
+    num_devices: int = field(default=0, metadata={"help": "devices of the data-parallel mesh (0 = all)"})
+
+    def __post_init__(self) -> None:
+        for name in ("num_steps", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "num_devices"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        _chain_post_init(self, LoopConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which causal LM to train: a tiny preset built from scratch, or a pretrained directory."""
+
+    model: str = field(default="tiny", metadata={"help": "'tiny' (a TransformerConfig.tiny preset) or a local Hugging Face directory / ldjax run directory"})
+    d_model: int = field(default=64, metadata={"help": "tiny model width"})
+    num_layers: int = field(default=2, metadata={"help": "tiny model depth"})
+    num_heads: int = field(default=4, metadata={"help": "tiny model attention heads"})
+    max_length: int = field(default=64, metadata={"help": "tokens per sequence (prompt + response)"})
+    max_prompt_length: int = field(default=32, metadata={"help": "prompt tokens kept (truncated from the start)"})
+    data: str = field(default="", metadata={"help": "JSONL file (hh / ultrafeedback / plain); empty = the embedded world"})
+    data_format: str = field(default="auto", metadata={"help": "format of --data: auto, hh, ultrafeedback, plain"})
+
+
+@dataclass(frozen=True)
+class PretrainConfig(OptimizerConfig, LoopConfig, ModelConfig):
+    """ldjax pretrain: next-token prediction on the embedded world's pretraining corpus (or the prompts+chosen of --data)."""
+
+
+@dataclass(frozen=True)
+class SFTConfig(OptimizerConfig, LoopConfig, ModelConfig):
+    """ldjax sft: supervised finetuning on (prompt, chosen) — or on both responses with --sft-on-both."""
+
+    sft_on_both: bool = field(default=False, metadata={"help": "train on (x, y+) and (x, y-) (the paper's 'extend' mitigation)"})
+
+
+@dataclass(frozen=True)
+class DPOConfig(OptimizerConfig, LoopConfig, ModelConfig):
+    """ldjax dpo: a preference loss against a frozen reference (the starting policy)."""
+
+    loss_type: str = field(default="sigmoid", metadata={"help": "any loss_type of ldjax.losses.preference_loss"})
+    beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing (robust / exo_pair)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma"})
+    on_policy: str = field(default="off", metadata={"help": "off | rejected (sample y- from the current policy) | both (SPIN-like: y+ from data, y- sampled; 'both' also resamples y+)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature for on-policy responses"})
+    top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0 = all)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "fixed length of sampled responses"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.on_policy not in ("off", "rejected", "both"):
+            raise ConfigError(f"on_policy: {self.on_policy!r} is not one of ('off', 'rejected', 'both')")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+
+
+def paper_rmsprop(**overrides) -> OptimizerConfig:
+    """The paper's LLM recipe (Ren & Sutherland 2025, App.): RMSprop, lr 5e-7, 150 warm-up steps, clip 10.
+
+    β = 0.1 of the same recipe is :attr:`DPOConfig.beta`'s default.
+    """
+    values = dict(optimizer="rmsprop", learning_rate=5e-7, warmup_steps=150, clip_norm=10.0, schedule="constant")
+    values.update(overrides)
+    return OptimizerConfig(**values)
+
+
+def optimizer_fields(config: OptimizerConfig) -> OptimizerConfig:
+    """The plain :class:`OptimizerConfig` inside any job config (for hashing / comparing)."""
+    names = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    return OptimizerConfig(**{k: getattr(config, k) for k in names})
