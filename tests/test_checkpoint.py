@@ -44,7 +44,7 @@ def loss_with_noise(model, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean(), {}
 
 
-def add_noise(params, batch, key):
+def add_noise(params, batch, key, constants):
     return {**batch, "noise": 0.1 * jax.random.normal(key, (batch["x"].shape[0], 3), jnp.float32)}
 
 

@@ -164,7 +164,7 @@ def test_prepare_fn_gets_a_fresh_key_each_step():
     opt = optax.sgd(0.0)
     seen = []
 
-    def prepare(p, batch, key):  # replaces the labels by random ones drawn from the key
+    def prepare(p, batch, key, constants):  # replaces the labels by random ones drawn from the key
         return {**batch, "y": jax.random.randint(key, batch["y"].shape, 0, 4, dtype=jnp.int32)}
 
     def loss(model, batch):

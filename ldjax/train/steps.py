@@ -21,7 +21,7 @@ from ldjax.train.config import ConfigError
 Batch = Any
 Metrics = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch], tuple[jax.Array, Metrics]]
-PrepareFn = Callable[[Any, Batch, jax.Array], Batch]
+PrepareFn = Callable[[Any, Batch, jax.Array, Any], Batch]
 
 
 class TrainState(NamedTuple):
@@ -63,6 +63,7 @@ def make_train_step(
     accumulation_steps: int = 1,
     learning_rate: optax.Schedule | float | None = None,
     prepare_fn: PrepareFn | None = None,
+    constants: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     donate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
@@ -77,8 +78,11 @@ def make_train_step(
       rest: non-parameter module state (buffers), passed through unchanged.
       accumulation_steps: micro-batches per step; the batch size must be a multiple of it.
       learning_rate: the schedule, only to log ``lr`` in the metrics.
-      prepare_fn: ``prepare_fn(params, batch, key) -> batch`` run before the gradient and
-        outside it (e.g. on-policy sampling, reference log-probs); gets a fresh key per step.
+      prepare_fn: ``prepare_fn(params, batch, key, constants) -> batch`` run before the
+        gradient and outside it (e.g. on-policy sampling and the reference log-probs of the
+        samples); gets a fresh key per step.
+      constants: a pytree handed to ``prepare_fn`` as an argument of the compiled call (not
+        baked into it), e.g. frozen reference parameters.
       mesh: a data mesh (:func:`ldjax.train.sharding.data_mesh`): batch split on ``"data"``,
         state replicated. ``None``: no sharding constraints.
       donate: donate the incoming state's buffers to the new state.
@@ -113,10 +117,10 @@ def make_train_step(
         total, _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / k, total)
 
-    def step(state: TrainState, batch: Batch, rest_value: nnx.State) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch, rest_value: nnx.State, constants_value: Any) -> tuple[TrainState, Metrics]:
         rng, prepare_key = jax.random.split(state.rng)
         if prepare_fn is not None:
-            batch = jax.lax.stop_gradient(prepare_fn(state.params, batch, prepare_key))
+            batch = jax.lax.stop_gradient(prepare_fn(state.params, batch, prepare_key, constants_value))
         loss, metrics, grads = gradients(state.params, rest_value, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -131,7 +135,7 @@ def make_train_step(
     jit_kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else ())
     if mesh is not None:
         rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-        jit_kwargs.update(in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+        jit_kwargs.update(in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep))
     compiled = jax.jit(step, **jit_kwargs)
     num_devices = 1 if mesh is None else mesh.devices.size
 
@@ -146,6 +150,6 @@ def make_train_step(
             raise sharding_lib.ShardingError(f"batch size {size} is not a multiple of the {num_devices} devices of the mesh")
         if mesh is not None:
             batch = sharding_lib.shard_batch(batch, mesh)
-        return compiled(state, batch, rest)
+        return compiled(state, batch, rest, constants)
 
     return run

@@ -1,0 +1,125 @@
+"""Training objectives of a causal LM: pretraining, SFT, and every preference loss.
+
+Each factory returns ``loss_fn(model, batch) -> (loss, metrics)`` for
+:func:`ldjax.train.steps.make_train_step`; ``loss`` is a mean over the batch's examples.
+Batches follow the team's token convention (``input_ids``/``attention_mask``/``loss_mask``,
+preference batches with ``chosen_``/``rejected_`` prefixes; logits row t−1 predicts token t).
+Preference batches also carry the reference log-probs ``ref_chosen_logps`` and
+``ref_rejected_logps`` (B,), computed once with :func:`reference_logps` before training.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ldjax import losses
+from ldjax.train import sharding as sharding_lib
+
+Batch = dict[str, jax.Array]
+
+
+def _forward(model, input_ids, attention_mask):
+    return model(input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32)).astype(jnp.float32)
+
+
+def pretrain_objective() -> Callable:
+    """Next-token cross-entropy on every real token after the first, averaged per token.
+
+    Micro-batches (gradient accumulation) are weighted equally, so with accumulation the
+    update equals the big batch's only when micro-batches hold the same number of tokens.
+    """
+
+    def loss_fn(model, batch: Batch):
+        logits = _forward(model, batch["input_ids"], batch["attention_mask"])
+        logps = losses.sequence_logps(logits, batch["input_ids"], batch["attention_mask"])
+        tokens = losses.response_lengths(batch["attention_mask"]).sum()
+        loss = -logps.sum() / jnp.maximum(tokens, 1).astype(jnp.float32)
+        return loss, {"perplexity": jnp.exp(loss)}
+
+    return loss_fn
+
+
+def sft_objective(reduction: str = "sum") -> Callable:
+    """Mean over examples of :func:`ldjax.losses.sft_loss` (``sum``: −log π(y|x), SPEC §1.2)."""
+
+    def loss_fn(model, batch: Batch):
+        logits = _forward(model, batch["input_ids"], batch["attention_mask"])
+        per_example = losses.sft_loss(logits, batch["input_ids"], batch["loss_mask"], reduction=reduction)
+        return per_example.mean(), {"logps": -per_example.mean()}
+
+    return loss_fn
+
+
+def policy_logps(model, batch: Batch, *, average: bool = False) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) summed response log-probs (B,), from one forward pass over both sides."""
+    ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    att = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+    mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+    logps = losses.sequence_logps(_forward(model, ids, att), ids, mask, average=average)
+    b = batch["chosen_input_ids"].shape[0]
+    return logps[:b], logps[b:]
+
+
+def preference_objective(loss_type: str = "sigmoid", *, beta: float = 0.1, label_smoothing: float = 0.0,
+                         **loss_kwargs: Any) -> Callable:
+    """Mean of :func:`ldjax.losses.preference_loss` with TRL semantics (every ``loss_type``).
+
+    Response lengths are passed, so ``ipo`` is length-normalised (TRL 1.x) and ``simpo``
+    uses length-averaged log-probs. Metrics as TRL logs them: ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+    ``logps/rejected``.
+    """
+    if loss_type not in losses.LOSS_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} is not one of {losses.LOSS_TYPES}")
+
+    def loss_fn(model, batch: Batch):
+        chosen, rejected = policy_logps(model, batch)
+        per_example, r_chosen, r_rejected = losses.preference_loss(
+            chosen, rejected, batch.get("ref_chosen_logps"), batch.get("ref_rejected_logps"),
+            loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+            chosen_lengths=losses.response_lengths(batch["chosen_loss_mask"]),
+            rejected_lengths=losses.response_lengths(batch["rejected_loss_mask"]), **loss_kwargs)
+        metrics = {
+            "rewards/chosen": r_chosen.mean(), "rewards/rejected": r_rejected.mean(),
+            "rewards/margins": (r_chosen - r_rejected).mean(),
+            "rewards/accuracies": (r_chosen > r_rejected).mean().astype(jnp.float32),
+            "logps/chosen": chosen.mean(), "logps/rejected": rejected.mean(),
+        }
+        return per_example.mean(), metrics
+
+    return loss_fn
+
+
+def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict[str, np.ndarray], *,
+                    batch_size: int = 32, mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+    """``{ref_chosen_logps, ref_rejected_logps}`` (N,) float32 of a whole preference dataset.
+
+    Computed once before preference training with the starting policy (which is the
+    reference), so the train step never runs the reference model. The last chunk is padded
+    (with copies of row 0, then dropped) to keep one compiled shape.
+    """
+    n = len(arrays["chosen_input_ids"])
+    keys = [k for k in arrays if k.startswith(("chosen_", "rejected_"))]
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+
+    @jax.jit
+    def run(params, rest, batch):
+        return policy_logps(nnx.merge(graphdef, params, rest), batch)
+
+    out_c, out_r = [], []
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        valid = idx < n
+        batch = {k: np.asarray(arrays[k])[np.where(valid, idx, 0)] for k in keys}
+        if mesh is not None:
+            batch = sharding_lib.shard_batch(batch, mesh)
+        c, r = jax.device_get(run(params, rest, batch))
+        out_c.append(np.asarray(c)[valid])
+        out_r.append(np.asarray(r)[valid])
+    return {"ref_chosen_logps": np.concatenate(out_c).astype(np.float32),
+            "ref_rejected_logps": np.concatenate(out_r).astype(np.float32)}

@@ -1,0 +1,118 @@
+"""Temperature / top-k sampling from a causal LM, and on-policy preference batches.
+
+Sampling is jit-compiled with a fixed number of new tokens and an explicit RNG key. There is
+no KV cache: each new token reruns the model on the whole fixed-length buffer (causal
+attention makes the not-yet-written positions irrelevant), which is what tiny CPU models
+need and keeps a single compiled shape.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from ldjax import losses
+
+Apply = Callable[[jax.Array, jax.Array], jax.Array]  # (input_ids, attention_mask) -> logits
+
+
+def filter_logits(logits: jax.Array, *, temperature: float = 1.0, top_k: int = 0) -> jax.Array:
+    """``logits / temperature`` with everything below the k-th largest set to −inf (k=0: all kept)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return logits
+
+
+def sample_continuations(apply: Apply, prompt_ids: jax.Array, prompt_lengths: jax.Array, key: jax.Array, *,
+                         max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, eos_id: int | None = None,
+                         pad_id: int = 0) -> dict[str, jax.Array]:
+    """Samples ``max_new_tokens`` tokens after each (right-padded) prompt.
+
+    Args:
+      apply: ``(input_ids (B, L), attention_mask (B, L)) -> logits (B, L, V)``.
+      prompt_ids: (B, T) int, prompt ``b`` in ``prompt_ids[b, :prompt_lengths[b]]``.
+      prompt_lengths: (B,) int, ≥ 1.
+      key: a PRNG key; step ``i`` uses ``fold_in(key, i)``.
+      max_new_tokens: fixed length of the continuation.
+      temperature, top_k: see :func:`filter_logits`.
+      eos_id: generation of a row stops after its first ``eos_id`` (which is kept and scored).
+      pad_id: written after the end.
+
+    Returns:
+      ``{input_ids, attention_mask, loss_mask}`` of shape (B, T + max_new_tokens), int32, in
+      the team's convention (``loss_mask`` = 1 on the sampled tokens up to and including EOS).
+    """
+    b, t = prompt_ids.shape
+    length = t + max_new_tokens
+    positions = jnp.arange(length)[None, :]
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    ids = jnp.where(positions < prompt_lengths[:, None],
+                    jnp.pad(prompt_ids.astype(jnp.int32), ((0, 0), (0, max_new_tokens)), constant_values=pad_id),
+                    pad_id)
+    rows = jnp.arange(b)
+
+    def body(i, carry):
+        ids, done, generated = carry
+        cursor = prompt_lengths + i  # where token i goes
+        logits = apply(ids, (positions < cursor[:, None]).astype(jnp.int32))
+        next_logits = filter_logits(logits[rows, cursor - 1], temperature=temperature, top_k=top_k)
+        token = jax.random.categorical(jax.random.fold_in(key, i), next_logits).astype(jnp.int32)
+        token = jnp.where(done, pad_id, token)
+        ids = ids.at[rows, cursor].set(token)
+        generated = generated.at[rows, cursor].set(jnp.where(done, 0, 1))
+        if eos_id is not None:
+            done = done | (token == eos_id)
+        return ids, done, generated
+
+    init = (ids, jnp.zeros((b,), bool), jnp.zeros((b, length), jnp.int32))
+    ids, _, generated = jax.lax.fori_loop(0, max_new_tokens, body, init)
+    attention = ((positions < prompt_lengths[:, None]) | (generated == 1)).astype(jnp.int32)
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": generated}
+
+
+def prompt_lengths_of(attention_mask: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """(B,) prompt lengths of right-padded sequences: real tokens before the first scored one."""
+    return jnp.sum(attention_mask * (1 - jnp.cumsum(loss_mask, axis=1).clip(0, 1)), axis=1).astype(jnp.int32)
+
+
+def on_policy_batch(apply: Apply, ref_apply: Apply, batch: dict[str, jax.Array], key: jax.Array, *, mode: str,
+                    max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, eos_id: int | None = None,
+                    pad_id: int = 0) -> dict[str, jax.Array]:
+    """A preference batch whose rejected (``mode="rejected"``) or both (``"both"``) responses are
+    sampled from the current policy ``apply``, with the reference log-probs recomputed by
+    ``ref_apply`` for the new responses. Both sides get length T + ``max_new_tokens``.
+    """
+    if mode not in ("rejected", "both"):
+        raise ValueError(f"on-policy mode must be 'rejected' or 'both', got {mode!r}")
+    lengths = prompt_lengths_of(batch["chosen_attention_mask"], batch["chosen_loss_mask"])
+    k_rej, k_cho = jax.random.split(key)
+    sample = lambda k: sample_continuations(  # noqa: E731
+        apply, batch["chosen_input_ids"], lengths, k, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, eos_id=eos_id, pad_id=pad_id)
+    widen = lambda x: jnp.pad(x, ((0, 0), (0, max_new_tokens)), constant_values=0)  # noqa: E731
+    sides = {"rejected": sample(k_rej)}
+    if mode == "both":
+        sides["chosen"] = sample(k_cho)
+    else:
+        sides["chosen"] = {k: widen(batch[f"chosen_{k}"].astype(jnp.int32)) for k in ("input_ids", "attention_mask", "loss_mask")}
+        sides["chosen"]["input_ids"] = jnp.where(sides["chosen"]["attention_mask"] == 1, sides["chosen"]["input_ids"], pad_id)
+    out = {f"{side}_{k}": v for side, arrays in sides.items() for k, v in arrays.items()}
+    for side in ("chosen", "rejected"):
+        logits = ref_apply(out[f"{side}_input_ids"], out[f"{side}_attention_mask"])
+        out[f"ref_{side}_logps"] = losses.sequence_logps(logits, out[f"{side}_input_ids"], out[f"{side}_loss_mask"])
+    return out
+
+
+def make_sampler(graphdef, rest, **kwargs: Any) -> Callable:
+    """A jit-compiled ``sample(params, prompt_ids, prompt_lengths, key)`` for a split model."""
+    from flax import nnx
+
+    @jax.jit
+    def sample(params, prompt_ids, prompt_lengths, key):
+        model = nnx.merge(graphdef, params, rest)
+        return sample_continuations(lambda i, m: model(i, m), prompt_ids, prompt_lengths, key, **kwargs)
+
+    return sample
