@@ -86,30 +86,42 @@ class LoopConfig:
 class ModelConfig:
     """Which causal LM to train: a tiny preset built from scratch, or a pretrained directory."""
 
-    model: str = field(default="tiny", metadata={"help": "'tiny' (a TransformerConfig.tiny preset) or a local Hugging Face directory / ldjax run directory"})
+    model: str = field(default="tiny", metadata={"help": "'tiny' (a TransformerConfig.tiny preset) or a local Hugging Face directory (e.g. <run>/model of an earlier job)"})
+    arch: str = field(default="qwen2", metadata={"help": "tiny model architecture: qwen2 or gpt_neox"})
     d_model: int = field(default=64, metadata={"help": "tiny model width"})
     num_layers: int = field(default=2, metadata={"help": "tiny model depth"})
     num_heads: int = field(default=4, metadata={"help": "tiny model attention heads"})
-    max_length: int = field(default=64, metadata={"help": "tokens per sequence (prompt + response)"})
-    max_prompt_length: int = field(default=32, metadata={"help": "prompt tokens kept (truncated from the start)"})
-    data: str = field(default="", metadata={"help": "JSONL file (hh / ultrafeedback / plain); empty = the embedded world"})
-    data_format: str = field(default="auto", metadata={"help": "format of --data: auto, hh, ultrafeedback, plain"})
 
 
 @dataclass(frozen=True)
-class PretrainConfig(OptimizerConfig, LoopConfig, ModelConfig):
+class DataConfig:
+    """Where the examples come from and how they are cut into tokens."""
+
+    data: str = field(default="", metadata={"help": "JSONL file (hh / ultrafeedback / plain preference records); empty = the embedded world"})
+    data_format: str = field(default="auto", metadata={"help": "format of --data: auto, hh, ultrafeedback, plain"})
+    max_length: int = field(default=64, metadata={"help": "tokens per sequence (prompt + response); every batch is padded to it"})
+    max_prompt_length: int = field(default=32, metadata={"help": "prompt tokens kept when a sequence is too long"})
+    world_seed: int = field(default=0, metadata={"help": "seed of the embedded world (fixed across jobs so pretrain/sft/dpo share it)"})
+    world_entities: int = field(default=100, metadata={"help": "embedded world: named entities"})
+    world_train: int = field(default=320, metadata={"help": "embedded world: training pairs"})
+    world_test: int = field(default=80, metadata={"help": "embedded world: held-out pairs"})
+    world_pretrain: int = field(default=4000, metadata={"help": "embedded world: pretraining answer texts (plus a quarter as many narrative sentences)"})
+
+
+@dataclass(frozen=True)
+class PretrainConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
     """ldjax pretrain: next-token prediction on the embedded world's pretraining corpus (or the prompts+chosen of --data)."""
 
 
 @dataclass(frozen=True)
-class SFTConfig(OptimizerConfig, LoopConfig, ModelConfig):
+class SFTConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
     """ldjax sft: supervised finetuning on (prompt, chosen) — or on both responses with --sft-on-both."""
 
     sft_on_both: bool = field(default=False, metadata={"help": "train on (x, y+) and (x, y-) (the paper's 'extend' mitigation)"})
 
 
 @dataclass(frozen=True)
-class DPOConfig(OptimizerConfig, LoopConfig, ModelConfig):
+class DPOConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
     """ldjax dpo: a preference loss against a frozen reference (the starting policy)."""
 
     loss_type: str = field(default="sigmoid", metadata={"help": "any loss_type of ldjax.losses.preference_loss"})

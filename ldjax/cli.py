@@ -1,0 +1,216 @@
+"""``ldjax pretrain | sft | dpo``: train a causal LM on the embedded world or on a JSONL file.
+
+Each subcommand parses its dataclass (:mod:`ldjax.train.config`) from flags and an optional
+``--config file.json`` and writes into ``--out``: ``config.json``, ``metrics.jsonl``,
+``checkpoints/`` (resumed automatically when present) and ``model/`` (a Hugging Face
+directory that ``--model`` of the next job, or :func:`ldjax.models.load_pretrained`, reads).
+
+    ldjax pretrain --out runs/base --num-steps 2000
+    ldjax sft --model runs/base/model --out runs/sft --num-steps 400
+    ldjax dpo --model runs/sft/model --out runs/dpo --loss-type ipo --beta 0.1
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ldjax.config import parse_config, to_dict
+from ldjax.train import objectives, optim, sampling, sharding, steps
+from ldjax.train.checkpoint import RunCheckpointer
+from ldjax.train.config import DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig
+from ldjax.train.loop import train
+
+COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
+
+
+# ------------------------------------------------------------------------------- data
+
+def _world(config: DataConfig):
+    from ldjax.data.world import WorldConfig, build_world
+    return build_world(WorldConfig(
+        seed=config.world_seed, num_entities=config.world_entities, num_train=config.world_train,
+        num_test=config.world_test, num_probe=min(32, config.world_train),
+        num_pretrain_answers=config.world_pretrain, num_pretrain_narrative=max(1, config.world_pretrain // 4)))
+
+
+def load_examples(config: DataConfig, tokenizer=None):
+    """``(train, test, pretrain_texts, tokenizer)`` from ``--data`` or the embedded world.
+
+    With ``--data`` and no tokenizer (a tiny model from scratch), a word-level tokenizer over
+    the file's words is built; the test split is then the last 10 % of the file.
+    """
+    if not config.data:
+        world = _world(config)
+        return world.train, world.test, world.pretrain_texts, tokenizer or world.tokenizer
+    from ldjax.data.preference import load_preference_jsonl
+    examples = load_preference_jsonl(config.data, config.data_format)
+    if tokenizer is None:
+        from ldjax.data.world import build_tokenizer
+        words = {w for e in examples for text in (e.prompt, e.chosen, e.rejected) for w in text.split()}
+        tokenizer = build_tokenizer(sorted(words))
+    n_test = len(examples) // 10
+    train_set = examples[: len(examples) - n_test] if n_test else examples
+    test_set = examples[len(examples) - n_test:] if n_test else examples[:1]
+    texts = [f"{e.prompt} {e.chosen}" for e in train_set]
+    return train_set, test_set, texts, tokenizer
+
+
+def _special(tokenizer, *names: str) -> int | None:
+    for name in names:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def _token_kwargs(config: DataConfig, tokenizer, vocab_size: int) -> dict[str, Any]:
+    return dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                bos_id=_special(tokenizer, "<bos>", "<s>", "<|endoftext|>"), vocab_size=vocab_size,
+                pad_to_max_length=True)
+
+
+# ------------------------------------------------------------------------------- model
+
+def build_model(config: ModelConfig, tokenizer_vocab: int, seed: int):
+    """``(model, tokenizer or None)``: a fresh tiny model, or one loaded from a directory."""
+    from ldjax.models.transformer import CausalLM, TransformerConfig
+    if config.model == "tiny":
+        tcfg = TransformerConfig.tiny(config.arch, vocab_size=tokenizer_vocab, hidden_size=config.d_model,
+                                      num_layers=config.num_layers, num_heads=config.num_heads,
+                                      num_kv_heads=config.num_heads, intermediate_size=4 * config.d_model)
+        return CausalLM(tcfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32), None
+    from ldjax.models.hf import load_pretrained
+    return load_pretrained(config.model, dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def _model_signature(model) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(model.config)))
+
+
+# ------------------------------------------------------------------------------- jobs
+
+def run(command: str, config) -> dict[str, Any]:
+    """Runs one job; returns its final numbers (also in ``<out>/summary.json``)."""
+    out = pathlib.Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
+
+    tokenizer = None
+    if config.model != "tiny":
+        from ldjax.models.hf import load_tokenizer
+        tokenizer = load_tokenizer(config.model)
+    train_set, test_set, texts, tokenizer = load_examples(config, tokenizer)
+    model, loaded_tokenizer = build_model(config, tokenizer.get_vocab_size(), config.seed)
+    tokenizer = loaded_tokenizer or tokenizer
+    vocab = model.config.vocab_size
+    if tokenizer.get_vocab_size() > vocab:
+        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab}")
+    kw = _token_kwargs(config, tokenizer, vocab)
+
+    from ldjax.data.preference import SFTExample
+    from ldjax.data.tokenize import batches, tokenize_preference, tokenize_sft
+    if command == "pretrain":
+        arrays = tokenize_sft([SFTExample("", t) for t in texts], tokenizer, **kw)
+        test_arrays = tokenize_sft([SFTExample("", f"{e.prompt} {e.chosen}") for e in test_set], tokenizer, **kw)
+        loss_fn = objectives.pretrain_objective()
+    elif command == "sft":
+        rows = [SFTExample(e.prompt, e.chosen) for e in train_set]
+        if config.sft_on_both:
+            rows += [SFTExample(e.prompt, e.rejected) for e in train_set]
+        arrays = tokenize_sft(rows, tokenizer, **kw)
+        test_arrays = tokenize_sft([SFTExample(e.prompt, e.chosen) for e in test_set], tokenizer, **kw)
+        loss_fn = objectives.sft_objective()
+    else:
+        arrays = tokenize_preference(train_set, tokenizer, **kw)
+        test_arrays = tokenize_preference(test_set, tokenizer, **kw)
+        loss_fn = objectives.preference_objective(config.loss_type, beta=config.beta,
+                                                  label_smoothing=config.label_smoothing,
+                                                  **({"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {}))
+
+    mesh = sharding.data_mesh(num_devices=config.num_devices)
+    graphdef, params, rest = steps.split_model(model)
+    schedule = optim.learning_rate_schedule(config, config.num_steps)
+    optimizer = optim.build_optimizer(config, config.num_steps)
+
+    prepare_fn, constants = None, None
+    if command == "dpo":
+        # The policy starts as the reference: its log-probs are computed once, here.
+        arrays = {**arrays, **objectives.reference_logps(graphdef, params, rest, arrays, batch_size=config.batch_size, mesh=mesh)}
+        test_arrays = {**test_arrays, **objectives.reference_logps(graphdef, params, rest, test_arrays, batch_size=config.batch_size, mesh=mesh)}
+        if config.on_policy != "off":
+            constants = jax.tree.map(jnp.copy, params)  # frozen reference for the sampled responses
+            eos = _special(tokenizer, "<eos>", "</s>", "<|endoftext|>", "<|im_end|>")
+            pad = _special(tokenizer, "<pad>", "<|padding|>") or 0
+
+            def prepare_fn(p, batch, key, ref_params):
+                policy = nnx.merge(graphdef, p, rest)
+                reference = nnx.merge(graphdef, ref_params, rest)
+                return sampling.on_policy_batch(
+                    lambda i, m: policy(i, m), lambda i, m: reference(i, m), batch, key, mode=config.on_policy,
+                    max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+                    eos_id=eos, pad_id=pad)
+
+    step = steps.make_train_step(graphdef, loss_fn, optimizer, rest=rest, accumulation_steps=config.accumulation_steps,
+                                 learning_rate=schedule, prepare_fn=prepare_fn, constants=constants, mesh=mesh)
+    state = sharding.replicate(steps.init_train_state(params, optimizer, config.seed), mesh)
+
+    eval_fn = _make_eval(graphdef, rest, loss_fn, test_arrays, config.batch_size, mesh) if config.eval_every else None
+    checkpointer = RunCheckpointer(out / "checkpoints", model_config=_model_signature(model),
+                                   run_config={"command": command, **to_dict(config)}, keep=config.keep_checkpoints)
+    try:
+        result = train(step, state, lambda epoch: batches(arrays, config.batch_size, seed=config.seed, epoch=epoch),
+                       config, checkpointer=checkpointer, eval_fn=eval_fn, desc=f"ldjax {command}")
+    finally:
+        checkpointer.close()
+
+    nnx.update(model, jax.device_get(result.state.params))
+    from ldjax.models.hf import save_pretrained
+    save_pretrained(model, tokenizer, out / "model")
+    last = [h for h in result.history if "loss" in h]
+    summary = {"command": command, "steps": int(result.state.step), "resumed_from": result.resumed_from,
+               "final": last[-1] if last else None, "num_train_examples": int(len(next(iter(arrays.values())))),
+               "devices": int(mesh.devices.size), "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _make_eval(graphdef, rest, loss_fn, arrays, batch_size, mesh):
+    """Mean loss over the first (up to 4) full batches of the held-out arrays."""
+    n = len(next(iter(arrays.values())))
+    fixed = [{k: v[i:i + batch_size] for k, v in arrays.items()} for i in range(0, min(n, 4 * batch_size) - batch_size + 1, batch_size)]
+
+    @jax.jit
+    def evaluate(params, batch):
+        return loss_fn(nnx.merge(graphdef, params, rest), batch)[0]
+
+    def eval_fn(state, step):
+        if not fixed:
+            return {}
+        values = [float(evaluate(state.params, sharding.shard_batch(b, mesh))) for b in fixed]
+        return {"loss": float(np.mean(values))}
+
+    return eval_fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__.strip() + f"\n\nusage: ldjax {{{','.join(COMMANDS)}}} [--help] [flags]", file=sys.stderr)
+        return 2
+    command = argv[0]
+    config = parse_config(COMMANDS[command], argv[1:], prog=f"ldjax {command}")
+    summary = run(command, config)
+    print(json.dumps(summary.get("final") or {}, indent=None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
