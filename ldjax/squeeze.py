@@ -23,6 +23,7 @@ what *actually* happens (the softmax of the updated logits), in float64, and rep
 from __future__ import annotations
 
 import dataclasses
+from decimal import Decimal, localcontext
 from typing import Any, Sequence
 
 import jax
@@ -32,9 +33,12 @@ import numpy as np
 NEGATIVE = -1  # gradient ascent on CE(ȳ): push the label down (the rejected side of DPO)
 POSITIVE = +1  # gradient descent on CE(y): SFT
 
-# Classes whose predicted log-ratio lies within this many nats of zero are reported as
-# "ambiguous" (a float64 tie at the threshold), not counted for or against a claim.
+# Classes whose float64 *predicted* log-ratio (closed form) lies within this many nats of zero
+# are reported as "ambiguous" (a tie at the threshold), not counted for or against a claim.
 TIE_MARGIN = 1e-9
+# The *actual* outcome of a step is computed in decimal arithmetic with this many digits, so that
+# changes far below float64 resolution (e.g. π_ȳ = 1 − 1e-8 moving by 1e-16) are still decided.
+EXACT_DIGITS = 60
 
 
 class SqueezeInputError(ValueError):
@@ -190,8 +194,40 @@ def _f64(logits: Any) -> np.ndarray:
 
 
 def _log_ratio(logits: np.ndarray, delta: np.ndarray) -> np.ndarray:
-    """Actual ``log π'_i − log π_i`` from the softmax of the updated logits (not the closed form)."""
+    """Float64 ``log π'_i − log π_i`` from the softmax of the updated logits."""
     return log_probabilities(logits + delta) - log_probabilities(logits)
+
+
+def _exact_step(logits: np.ndarray, steps: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """What a step actually does, in :data:`EXACT_DIGITS`-digit decimal arithmetic.
+
+    The float64 logits are taken exactly; the step is ``Δz = Σ_k c_k (π − e_{l_k})`` for
+    ``steps = [(l_k, c_k)]`` (``c = +α`` pushes ``l`` down, ``c = −α`` is an SFT step), and the
+    updated distribution is the softmax of ``z + Δz`` — computed independently of the closed form.
+
+    Returns:
+      ``(probs, log_ratio)`` as numpy object arrays of ``Decimal`` (exact comparisons, no ties
+      invented or hidden by rounding).
+    """
+    def log_softmax(values):
+        top = max(values)
+        shifted = [v - top for v in values]
+        exps = [v.exp() for v in shifted]
+        log_total = sum(exps).ln()
+        return [v - log_total for v in shifted], exps, sum(exps)
+
+    with localcontext() as ctx:
+        ctx.prec = EXACT_DIGITS
+        z = [Decimal(float(v)) for v in logits]
+        logp, exps, total = log_softmax(z)
+        probs = [e / total for e in exps]
+        coef_sum = sum(Decimal(float(c)) for _, c in steps)
+        delta = [coef_sum * p for p in probs]
+        for label, c in steps:
+            delta[label] -= Decimal(float(c))
+        logp_new, _, _ = log_softmax([a + d for a, d in zip(z, delta)])
+        log_ratio = [n - o for n, o in zip(logp_new, logp)]
+    return np.array(probs, dtype=object), np.array(log_ratio, dtype=object)
 
 
 def _others(num_classes: int, *exclude: int) -> np.ndarray:
@@ -200,18 +236,20 @@ def _others(num_classes: int, *exclude: int) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def _monotone(values: np.ndarray, keys: np.ndarray, alpha: float, increasing: bool) -> bool:
-    """Whether ``values`` (log-ratios) move with ``keys`` (probabilities) in the given direction.
+def _monotone(values: np.ndarray, keys: np.ndarray, increasing: bool) -> bool:
+    """Whether exact ``values`` (log-ratios) strictly move with exact ``keys`` (probabilities).
 
-    Sorted by key, consecutive differences must have the right sign wherever the keys differ by
-    more than the tie margin (in units of α·Δπ), and be within the margin where they tie.
+    Sorted by key: where consecutive keys differ the values must differ in the given direction;
+    where keys are equal the values must be equal.
     """
-    order = np.argsort(keys, kind="stable")
-    dk, dv = np.diff(keys[order]) * alpha, np.diff(values[order])
-    if not increasing:
-        dv = -dv
-    distinct = dk > TIE_MARGIN
-    return bool(np.all(dv[distinct] > 0) and np.all(np.abs(dv[~distinct]) <= TIE_MARGIN + dk[~distinct]))
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    for a, b in zip(order[:-1], order[1:]):
+        if keys[b] == keys[a]:
+            if values[b] != values[a]:
+                return False
+        elif (values[b] > values[a]) != increasing or values[b] == values[a]:
+            return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,45 +302,41 @@ def claim_label_falls(logits: Any, label: int, alpha: float) -> LabelFalls:
     """Claim 1 on one case: pushing ȳ down lowers ``π_ȳ`` (for any α > 0)."""
     z = _f64(logits)
     _validate(z, np.int64(label), alpha)
-    delta = logit_change(z, np.int64(label), alpha, NEGATIVE)
-    log_ratio = _log_ratio(z, delta)
-    p = probabilities(z)
-    lc = float(log_ratio[label])
-    return LabelFalls(holds=bool(lc < 0), prob_before=float(p[label]), prob_after=float(p[label] * np.exp(lc)), log_change=lc)
+    probs, log_ratio = _exact_step(z, [(label, alpha)])
+    change = log_ratio[label]
+    return LabelFalls(holds=bool(change < 0), prob_before=float(probs[label]),
+                      prob_after=float(probs[label] * change.exp()), log_change=float(change))
 
 
 def claim_argmax_rises(logits: Any, label: int, alpha: float) -> ArgmaxRises:
     """Claim 2 on one case: the largest class other than ȳ gains probability."""
     z = _f64(logits)
     _validate(z, np.int64(label), alpha)
-    delta = logit_change(z, np.int64(label), alpha, NEGATIVE)
-    log_ratio = _log_ratio(z, delta)
-    p = probabilities(z)
+    probs, log_ratio = _exact_step(z, [(label, alpha)])
     others = _others(z.shape[-1], label)
-    star = int(others[np.argmax(p[others])])
-    after = float(p[star] * np.exp(log_ratio[star]))
-    return ArgmaxRises(holds=bool(log_ratio[star] > 0), argmax=star, prob_before=float(p[star]),
-                       prob_after=after, gain=after - float(p[star]))
+    star = int(max(others, key=lambda i: probs[i]))
+    after = probs[star] * log_ratio[star].exp()
+    return ArgmaxRises(holds=bool(log_ratio[star] > 0), argmax=star, prob_before=float(probs[star]),
+                       prob_after=float(after), gain=float(after - probs[star]))
 
 
-def _compare_rule(z: np.ndarray, delta: np.ndarray, considered: np.ndarray):
-    """Predicted risers (``Δz_i > log Z``, closed form) vs actual risers (softmax of ``z + Δz``).
+def _compare_rule(z: np.ndarray, delta: np.ndarray, considered: np.ndarray, exact_log_ratio: np.ndarray):
+    """Predicted risers (``Δz_i > log Z``, float64 closed form) vs actual risers (exact step).
 
-    Returns ``(predicted, actual, clear, log_z, log_ratio)``; ``clear`` marks the considered
-    classes farther than :data:`TIE_MARGIN` from the threshold.
+    Returns ``(predicted, actual, clear, log_z)``; ``clear`` marks the considered classes whose
+    predicted log-ratio is farther than :data:`TIE_MARGIN` from zero.
     """
     log_z = float(log_partition(z, delta))
-    log_ratio = _log_ratio(z, delta)
     margin = delta[considered] - log_z  # predicted log-ratio from the closed form
     clear = np.abs(margin) > TIE_MARGIN
     predicted = considered[clear & (margin > 0)]
-    actual = considered[clear & (log_ratio[considered] > 0)]
-    return predicted, actual, clear, log_z, log_ratio
+    actual = considered[clear & np.array([exact_log_ratio[i] > 0 for i in considered], dtype=bool)]
+    return predicted, actual, clear, log_z
 
 
 def claim_threshold_rule(logits: Any, label: int, alpha: float) -> ThresholdRule:
     """Claim 3 on one case: for ``i ≠ ȳ``, ``π'_i > π_i ⇔ π_i > τ = log(Z)/α``, and the ratio
-    ``π'_i/π_i`` increases with ``π_i``."""
+    ``π'_i/π_i`` increases strictly with ``π_i``."""
     z = _f64(logits)
     _validate(z, np.int64(label), alpha)
     if alpha <= 0:
@@ -310,10 +344,11 @@ def claim_threshold_rule(logits: Any, label: int, alpha: float) -> ThresholdRule
     delta = logit_change(z, np.int64(label), alpha, NEGATIVE)
     p = probabilities(z)
     tau = float(threshold(z, np.int64(label), alpha))
+    exact_probs, exact_log_ratio = _exact_step(z, [(label, alpha)])
     others = _others(z.shape[-1], label)
-    _, actual, clear, log_z, log_ratio = _compare_rule(z, delta, others)
+    _, actual, clear, log_z = _compare_rule(z, delta, others, exact_log_ratio)
     predicted = others[clear & (p[others] > tau)]  # the lemma's statement, on probabilities
-    monotone = _monotone(log_ratio[others], p[others], alpha, increasing=True)
+    monotone = _monotone(exact_log_ratio[others], exact_probs[others], increasing=True)
     holds = np.array_equal(predicted, actual) and monotone
     return ThresholdRule(holds=bool(holds), tau=tau, log_partition=log_z, predicted_risers=predicted,
                          actual_risers=actual, n_ambiguous=int(np.sum(~clear)), ratio_monotone=monotone)
@@ -333,8 +368,9 @@ def claim_combined_rule(logits: Any, pos_label: int, neg_label: int, alpha_pos: 
     _validate(z, np.int64(pos_label), alpha_pos)
     _validate(z, np.int64(neg_label), alpha_neg)
     delta = combined_logit_change(z, np.int64(pos_label), np.int64(neg_label), alpha_pos, alpha_neg)
+    _, exact_log_ratio = _exact_step(z, [(pos_label, -alpha_pos), (neg_label, alpha_neg)])
     every = np.arange(z.shape[-1])
-    predicted, actual, clear, log_z, _ = _compare_rule(z, delta, every)
+    predicted, actual, clear, log_z = _compare_rule(z, delta, every, exact_log_ratio)
     slope = alpha_neg - alpha_pos
     tau = log_z / slope if slope != 0 else (-np.inf if log_z < 0 else np.inf)
     return ThresholdRule(holds=bool(np.array_equal(predicted, actual)), tau=float(tau), log_partition=log_z,
@@ -343,17 +379,17 @@ def claim_combined_rule(logits: Any, pos_label: int, neg_label: int, alpha_pos: 
 
 
 def claim_positive_step_no_squeeze(logits: Any, label: int, alpha: float) -> PositiveNoSqueeze:
-    """Claim 7 on one case: an SFT step on ``label`` lowers the ratio of the large non-targets most."""
+    """Claim 7 on one case: after an SFT step on ``label`` the ratio ``π'_i/π_i`` of the non-targets
+    decreases strictly with ``π_i`` (the large ones lose most)."""
     z = _f64(logits)
     _validate(z, np.int64(label), alpha)
-    delta = logit_change(z, np.int64(label), alpha, POSITIVE)
-    log_ratio = _log_ratio(z, delta)
-    p = probabilities(z)
+    probs, log_ratio = _exact_step(z, [(label, -alpha)])
     others = _others(z.shape[-1], label)
-    monotone = _monotone(log_ratio[others], p[others], alpha, increasing=False)
+    monotone = _monotone(log_ratio[others], probs[others], increasing=False)
+    other_ratios = [float(log_ratio[i]) for i in others]
     return PositiveNoSqueeze(holds=monotone, target_rises=bool(log_ratio[label] > 0),
-                             largest_loser=int(others[np.argmin(log_ratio[others])]),
-                             log_ratio_range=(float(log_ratio[others].min()), float(log_ratio[others].max())))
+                             largest_loser=int(others[int(np.argmin(other_ratios))]),
+                             log_ratio_range=(min(other_ratios), max(other_ratios)))
 
 
 CLAIMS = {1: claim_label_falls, 2: claim_argmax_rises, 3: claim_threshold_rule, 7: claim_positive_step_no_squeeze}
