@@ -234,3 +234,143 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert max(l["step"] for l in lines) == 4
     ckpt.close()
+
+
+# ---------------------------------------------------------------- LM objectives and sampling
+
+from ldjax import losses  # noqa: E402
+from ldjax.models.transformer import CausalLM, TransformerConfig  # noqa: E402
+from ldjax.train import objectives, sampling, sharding  # noqa: E402
+
+V, T = 24, 10
+
+
+def tiny_lm(seed=0):
+    cfg = TransformerConfig.tiny("qwen2", vocab_size=V, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2,
+                                 intermediate_size=32)
+    return CausalLM(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
+
+
+def preference_arrays(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for side in ("chosen", "rejected"):
+        prompt = rng.integers(2, 5, size=n)
+        total = prompt + rng.integers(2, T - 4, size=n)
+        pos = np.arange(T)[None]
+        out[f"{side}_input_ids"] = np.where(pos < total[:, None], rng.integers(0, V, (n, T)), 0).astype(np.int32)
+        out[f"{side}_attention_mask"] = (pos < total[:, None]).astype(np.int32)
+        out[f"{side}_loss_mask"] = ((pos >= prompt[:, None]) & (pos < total[:, None])).astype(np.int32)
+    return out
+
+
+def logps_by_hand(model, ids, att, mask):
+    """Sum over scored t of log softmax(logits[t-1])[ids[t]], one sequence at a time."""
+    res = []
+    for i in range(ids.shape[0]):
+        logits = model(jnp.asarray(ids[i:i + 1]), jnp.asarray(att[i:i + 1]))[0]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        res.append(sum(float(logp[t - 1, ids[i, t]]) for t in range(1, ids.shape[1]) if mask[i, t]))
+    return np.array(res)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
+def test_preference_objective_matches_losses_on_hand_computed_logps(loss_type):
+    model = tiny_lm()
+    data = preference_arrays()
+    chosen = logps_by_hand(model, data["chosen_input_ids"], data["chosen_attention_mask"], data["chosen_loss_mask"])
+    rejected = logps_by_hand(model, data["rejected_input_ids"], data["rejected_attention_mask"], data["rejected_loss_mask"])
+    ref_c, ref_r = chosen - 0.3, rejected + 0.2  # a reference that differs from the policy
+    batch = {**{k: jnp.asarray(v) for k, v in data.items()}, "ref_chosen_logps": jnp.asarray(ref_c, jnp.float32),
+             "ref_rejected_logps": jnp.asarray(ref_r, jnp.float32)}
+    loss, metrics = objectives.preference_objective(loss_type, beta=0.5)(model, batch)
+    lengths = dict(chosen_lengths=data["chosen_loss_mask"][:, 1:].sum(1), rejected_lengths=data["rejected_loss_mask"][:, 1:].sum(1))
+    expected, rc, rr = losses.preference_loss(chosen, rejected, ref_c, ref_r, loss_type=loss_type, beta=0.5, **lengths)
+    np.testing.assert_allclose(float(loss), float(np.mean(expected)), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["rewards/margins"]), float(np.mean(rc - rr)), rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["logps/chosen"]), chosen.mean(), rtol=1e-5)
+
+
+def test_reference_logps_once_on_a_mesh_with_a_ragged_last_chunk():
+    model = tiny_lm()
+    graphdef, params, rest = steps.split_model(model)
+    data = preference_arrays(n=11)
+    ref = objectives.reference_logps(graphdef, params, rest, data, batch_size=3, mesh=sharding.data_mesh())
+    expected = logps_by_hand(model, data["rejected_input_ids"], data["rejected_attention_mask"], data["rejected_loss_mask"])
+    assert ref["ref_chosen_logps"].shape == (11,) and ref["ref_chosen_logps"].dtype == np.float32
+    np.testing.assert_allclose(ref["ref_rejected_logps"], expected, rtol=1e-5)
+
+
+def test_sft_objective_is_mean_negative_logp():
+    model = tiny_lm()
+    d = preference_arrays()
+    batch = {"input_ids": d["chosen_input_ids"], "attention_mask": d["chosen_attention_mask"], "loss_mask": d["chosen_loss_mask"]}
+    loss, _ = objectives.sft_objective()(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    np.testing.assert_allclose(float(loss), -logps_by_hand(model, *batch.values()).mean(), rtol=1e-5)
+    ploss, _ = objectives.pretrain_objective()(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    all_tokens = logps_by_hand(model, batch["input_ids"], batch["attention_mask"], batch["attention_mask"])
+    np.testing.assert_allclose(float(ploss), -all_tokens.sum() / (batch["attention_mask"][:, 1:].sum()), rtol=1e-5)
+
+
+def test_filter_logits_keeps_top_k_and_scales():
+    logits = jnp.array([[1.0, 3.0, 2.0, -1.0]])
+    out = sampling.filter_logits(logits, temperature=2.0, top_k=2)
+    np.testing.assert_array_equal(np.isinf(np.asarray(out)), [[True, False, False, True]])
+    np.testing.assert_allclose(np.asarray(out)[0, 1:3], [1.5, 1.0])
+
+
+def test_sampling_distribution_matches_softmax_of_filtered_logits():
+    base = jnp.array([0.0, 1.0, 2.0, 0.5, -1.0])
+
+    def apply(ids, mask):  # next-token logits depend on nothing: every step draws from one law
+        return jnp.broadcast_to(base, ids.shape + (5,))
+
+    n = 4000
+    out = jax.jit(lambda k: sampling.sample_continuations(apply, jnp.ones((n, 2), jnp.int32), jnp.full((n,), 2), k,
+                                                          max_new_tokens=3, temperature=0.7, top_k=3))(jax.random.PRNGKey(0))
+    drawn = np.asarray(out["input_ids"][:, 2:]).ravel()
+    p = np.zeros(5)
+    p[[1, 2, 3]] = np.asarray(jax.nn.softmax(base[jnp.array([1, 2, 3])] / 0.7))
+    freq = np.bincount(drawn, minlength=5) / drawn.size
+    assert freq[0] == freq[4] == 0
+    np.testing.assert_allclose(freq, p, atol=4 * np.sqrt(0.25 / drawn.size))  # 4 sigma
+
+
+def test_top1_sampling_is_greedy_and_stops_at_eos():
+    model = tiny_lm()
+    graphdef, params, rest = steps.split_model(model)
+    prompts = jnp.array([[5, 6, 7, 0], [8, 9, 0, 0]], jnp.int32)
+    lengths = jnp.array([3, 2])
+    sample = sampling.make_sampler(graphdef, rest, max_new_tokens=4, top_k=1, eos_id=None)
+    out = sample(params, prompts, lengths, jax.random.PRNGKey(1))
+    for b in range(2):  # greedy decoding by hand, growing the sequence one token at a time
+        seq = list(np.asarray(prompts[b, :int(lengths[b])]))
+        for _ in range(4):
+            seq.append(int(jnp.argmax(model(jnp.asarray([seq], jnp.int32))[0, -1])))
+        L = len(seq)
+        np.testing.assert_array_equal(np.asarray(out["input_ids"][b, :L]), seq)
+        np.testing.assert_array_equal(np.asarray(out["loss_mask"][b]), [0] * int(lengths[b]) + [1] * 4 + [0] * (8 - L))
+    # With EOS = the first greedy token of row 0, row 0 stops at once: one scored token, then padding.
+    eos = int(out["input_ids"][0, 3])
+    out_eos = sampling.make_sampler(graphdef, rest, max_new_tokens=4, top_k=1, eos_id=eos, pad_id=0)(
+        params, prompts, lengths, jax.random.PRNGKey(1))
+    np.testing.assert_array_equal(np.asarray(out_eos["loss_mask"][0]), [0, 0, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(out_eos["attention_mask"][0]), [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(out_eos["input_ids"][0, 4:]), [0, 0, 0, 0])
+
+
+def test_on_policy_batch_keeps_chosen_and_scores_samples_with_the_reference():
+    policy, reference = tiny_lm(0), tiny_lm(1)
+    d = {k: jnp.asarray(v) for k, v in preference_arrays(n=4).items()}
+    out = sampling.on_policy_batch(lambda i, m: policy(i, m), lambda i, m: reference(i, m), d, jax.random.PRNGKey(2),
+                                   mode="rejected", max_new_tokens=3, top_k=5)
+    assert out["rejected_input_ids"].shape == out["chosen_input_ids"].shape == (4, T + 3)
+    np.testing.assert_array_equal(np.asarray(out["chosen_loss_mask"][:, :T]), np.asarray(d["chosen_loss_mask"]))
+    prompt_len = np.asarray(sampling.prompt_lengths_of(d["chosen_attention_mask"], d["chosen_loss_mask"]))
+    np.testing.assert_array_equal(np.asarray(out["rejected_loss_mask"]).sum(1), [3] * 4)
+    for b in range(4):  # rejected = chosen's prompt + 3 sampled tokens
+        np.testing.assert_array_equal(np.asarray(out["rejected_input_ids"][b, :prompt_len[b]]),
+                                      np.asarray(d["chosen_input_ids"][b, :prompt_len[b]]))
+    expected = logps_by_hand(reference, np.asarray(out["rejected_input_ids"]), np.asarray(out["rejected_attention_mask"]),
+                             np.asarray(out["rejected_loss_mask"]))
+    np.testing.assert_allclose(np.asarray(out["ref_rejected_logps"]), expected, rtol=1e-5)

@@ -1,0 +1,64 @@
+"""The ldjax CLI: pretrain -> sft -> dpo chained through saved model directories, --data, --config."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ldjax import cli
+from ldjax.config import parse_config
+from ldjax.train.config import DPOConfig
+
+TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48", "--max-prompt-length", "20",
+        "--world-entities", "8", "--world-train", "8", "--world-test", "4", "--world-pretrain", "16",
+        "--batch-size", "4", "--progress", "false", "--num-devices", "1"]
+
+
+def read_metrics(run_dir):
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # ~20-40 s on 2 shared cores: three compiles; the pieces are tested fast in test_train.py
+def test_pretrain_sft_dpo_chain(tmp_path):
+    assert cli.main(["pretrain", *TINY, "--num-steps", "2", "--out", str(tmp_path / "base")]) == 0
+    assert (tmp_path / "base" / "model" / "model.safetensors").exists()
+    assert cli.main(["sft", *TINY, "--model", str(tmp_path / "base" / "model"), "--num-steps", "2",
+                     "--sft-on-both", "true", "--out", str(tmp_path / "sft")]) == 0
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
+    assert summary["num_train_examples"] == 16  # chosen and rejected of 8 pairs
+    config_file = tmp_path / "dpo.json"
+    config_file.write_text(json.dumps({"loss_type": "ipo", "beta": 0.2, "num_steps": 2, "optimizer": "rmsprop",
+                                       "learning_rate": 1e-4, "warmup_steps": 1, "clip_norm": 10.0}))
+    assert cli.main(["dpo", *TINY, "--config", str(config_file), "--model", str(tmp_path / "sft" / "model"),
+                     "--out", str(tmp_path / "dpo")]) == 0
+    lines = read_metrics(tmp_path / "dpo")
+    assert [l["step"] for l in lines] == [1, 2]
+    first = lines[0]
+    # Policy == reference at step 1 (reference log-probs precomputed from the same model).
+    assert abs(first["rewards/chosen"]) < 1e-4 and abs(first["rewards/rejected"]) < 1e-4
+    assert first["loss"] == pytest.approx((1 / (2 * 0.2)) ** 2, rel=1e-4)  # IPO at zero margin
+    assert first["lr"] == pytest.approx(1e-4 / 2, rel=1e-5)  # warm-up step 0 of 1
+    saved = json.loads((tmp_path / "dpo" / "config.json").read_text())
+    assert (saved["loss_type"], saved["beta"], saved["command"]) == ("ipo", 0.2, "dpo")
+
+
+def test_data_flag_reads_jsonl_and_reports_bad_lines(tmp_path):
+    rows = [{"prompt": f"question {i} about cats ?", "chosen": f"a good answer number {i} .", "rejected": f"bad {i}"}
+            for i in range(10)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["sft", *TINY, "--data", str(data), "--num-steps", "2", "--out", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["num_train_examples"] == 9  # 10 % held out
+    data.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match="pairs.jsonl.*2"):
+        cli.main(args[:-1] + [str(tmp_path / "run2")])
+
+
+def test_unknown_command_and_bad_flag():
+    assert cli.main([]) == 2
+    assert cli.main(["finetune"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["dpo", "--beta", "abc"])
+    with pytest.raises(ValueError, match="on_policy"):
+        parse_config(DPOConfig, ["--on-policy", "sometimes"])
