@@ -160,6 +160,22 @@ def combined_logit_change(logits: jax.Array, pos_label: jax.Array, neg_label: ja
     return logit_change(logits, pos_label, alpha_pos, POSITIVE) + logit_change(logits, neg_label, alpha_neg, NEGATIVE)
 
 
+def steps_logit_change(logits: Any, steps: Sequence[tuple[int, float]]) -> Any:
+    """Several simultaneous identity-kernel CE steps on one input: ``Δz = Σ_k c_k (π − e_{l_k})``.
+
+    ``steps = [(label, c)]``: ``c = +α`` pushes ``label`` down (negative gradient), ``c = −α`` is
+    an SFT step on it. Shape (V,) for logits (V,).
+    """
+    _validate(logits)
+    xp = _xp(logits)
+    p = probabilities(logits)
+    delta = xp.zeros_like(logits)
+    for label, c in steps:
+        _validate(logits, np.int64(label))
+        delta = delta + c * (p - _one_hot(label, logits.shape[-1], logits.dtype, xp))
+    return delta
+
+
 # --- linear softmax regression: a real gradient step with K = (‖x‖² [+1]) I ---------------------------
 def linear_softmax_logits(params: dict, x: jax.Array) -> jax.Array:
     """``z = x W (+ b)`` for params ``{"w": (d, V)[, "b": (V,)]}`` and x (..., d)."""
@@ -198,6 +214,17 @@ def _log_ratio(logits: np.ndarray, delta: np.ndarray) -> np.ndarray:
     return log_probabilities(logits + delta) - log_probabilities(logits)
 
 
+def _digits_needed(logits: np.ndarray, coefficients: Sequence[float]) -> int:
+    """:data:`EXACT_DIGITS` plus the decades separating the logits' scale from their smallest gap
+    (and from the smallest step), so that near-equal classes are still told apart."""
+    scale = max(1.0, float(np.max(np.abs(logits))))
+    gaps = np.diff(np.unique(logits))
+    extra = np.log10(scale) - np.log10(gaps.min()) if gaps.size else 0.0
+    small = min((abs(c) for c in coefficients if c != 0), default=1.0)
+    extra += max(0.0, -np.log10(small))
+    return EXACT_DIGITS + int(np.ceil(max(0.0, extra)))
+
+
 def _exact_step(logits: np.ndarray, steps: Sequence[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
     """What a step actually does, in :data:`EXACT_DIGITS`-digit decimal arithmetic.
 
@@ -217,7 +244,7 @@ def _exact_step(logits: np.ndarray, steps: Sequence[tuple[int, float]]) -> tuple
         return [v - log_total for v in shifted], exps, sum(exps)
 
     with localcontext() as ctx:
-        ctx.prec = EXACT_DIGITS
+        ctx.prec = _digits_needed(logits, [c for _, c in steps])
         z = [Decimal(float(v)) for v in logits]
         logp, exps, total = log_softmax(z)
         probs = [e / total for e in exps]
@@ -352,6 +379,21 @@ def claim_threshold_rule(logits: Any, label: int, alpha: float) -> ThresholdRule
     holds = np.array_equal(predicted, actual) and monotone
     return ThresholdRule(holds=bool(holds), tau=tau, log_partition=log_z, predicted_risers=predicted,
                          actual_risers=actual, n_ambiguous=int(np.sum(~clear)), ratio_monotone=monotone)
+
+
+def claim_general_rule(logits: Any, steps: Sequence[tuple[int, float]]) -> ThresholdRule:
+    """The rule behind claim 3 for ANY logit change: class i rises iff ``Δz_i > log Σ_j π_j e^{Δz_j}``.
+
+    It follows from ``π'_i/π_i = e^{Δz_i}/Z``. ``steps`` as in :func:`steps_logit_change`;
+    ``tau`` is ``log Z`` (the threshold on Δz).
+    """
+    z = _f64(logits)
+    delta = steps_logit_change(z, steps)
+    _, exact_log_ratio = _exact_step(z, steps)
+    predicted, actual, clear, log_z = _compare_rule(z, delta, np.arange(z.shape[-1]), exact_log_ratio)
+    return ThresholdRule(holds=bool(np.array_equal(predicted, actual)), tau=log_z, log_partition=log_z,
+                         predicted_risers=predicted, actual_risers=actual, n_ambiguous=int(np.sum(~clear)),
+                         ratio_monotone=None)
 
 
 def claim_combined_rule(logits: Any, pos_label: int, neg_label: int, alpha_pos: float, alpha_neg: float) -> ThresholdRule:

@@ -142,6 +142,18 @@ def test_generalised_rule_for_the_dpo_like_step(case, data):
         assert np.ptp(rest) < 1e-9 if rest.size else True
 
 
+@settings(max_examples=100, deadline=None)
+@given(cases(max_classes=20), st.data())
+def test_general_rule_for_several_steps(case, data):
+    z, label, alpha = case
+    steps = [(label, alpha)] + [(data.draw(st.integers(0, len(z) - 1)), data.draw(st.floats(-20, 20)))
+                                for _ in range(data.draw(st.integers(0, 2)))]
+    delta = sq.steps_logit_change(z, steps)
+    expected = sum(c * (scipy.special.softmax(z) - np.eye(len(z))[l]) for l, c in steps)
+    np.testing.assert_allclose(delta, expected, atol=1e-10)
+    assert sq.claim_general_rule(z, steps).holds
+
+
 def test_claims_report_failures():
     """The checks can say no: an SFT step's ratio does not increase with π, an equal-coefficient
     DPO step puts no threshold on π, and pushing down a tall peak with a large α can lower entropy."""
