@@ -132,6 +132,24 @@ def test_ipo_without_lengths_is_unnormalised_and_lengths_change_it():
     np.testing.assert_allclose(normalised, ((pc - rc) / 2 - (pr - rr) / 4 - 1.0) ** 2)
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_jit_float32_matches_eager_float64(loss_type):
+    pc, pr, rc, rr, lc, lr = _logps(11, 5, 1.0)
+    kw = dict(loss_type=loss_type, beta=0.3, label_smoothing=0.1)
+
+    @jax.jit
+    def compiled(pc, pr, rc, rr, lc, lr):
+        out = preference_loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **kw)
+        return out, preference_coefficients(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **kw)
+
+    f32 = [np.float32(a) for a in (pc, pr, rc, rr)] + [np.int32(lc), np.int32(lr)]
+    got = compiled(*f32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+    eager = (preference_loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **kw),
+             preference_coefficients(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **kw))
+    chex.assert_trees_all_close(got, eager, rtol=2e-4, atol=2e-5)
+
+
 # --------------------------------------------------------------- coefficients vs autodiff
 
 

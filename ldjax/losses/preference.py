@@ -150,7 +150,8 @@ def _robust_branch(p: _Pair):
 
 def _exo_pair_branch(p: _Pair):
     beta = p.beta
-    eps = p.label_smoothing if p.label_smoothing != 0 else 1e-3
+    # where() rather than an if: label_smoothing may be traced under jit.
+    eps = jnp.where(p.label_smoothing == 0, 1e-3, p.label_smoothing)
     x = beta * (p.chosen_logratio - p.rejected_logratio)
     q_w, q_l = _sigmoid(x), _sigmoid(-x)
     log_q_w, log_q_l = _log_sigmoid(x), _log_sigmoid(-x)
