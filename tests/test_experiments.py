@@ -1,0 +1,64 @@
+"""Smoke tests of the experiments with tiny configs: files written, must-show numbers in range."""
+import json
+
+import numpy as np
+import pytest
+
+from experiments import mnist_dynamics
+
+
+# The LeNet variant spends ~1 min compiling conv Jacobians on 2 cores; the MLP run checks the same claims.
+@pytest.mark.parametrize("model", [pytest.param("lenet", marks=pytest.mark.slow), "mlp"])
+def test_mnist_dynamics_tiny(tmp_path, model):
+    config = mnist_dynamics.Config(out=str(tmp_path / "mnist"), train_per_class=40, observed_per_class=3,
+                                   steps=24, batch_size=16, analyse_every=6, checkpoints=2, ntk_per_class=2,
+                                   ntk_batch_size=20, model=model, mlp_hidden=(32,))
+    results = mnist_dynamics.main(config)
+    out = tmp_path / "mnist"
+    for name in ("results.json", "report.md", "influence_per_step.png", "ntk_class_similarity.png",
+                 "accumulated_influence.png", "predicted_vs_actual.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["num_analysed_steps"] == 4 == results["num_analysed_steps"]
+    # Exact identities (float64): per-class terms sum to the step; explicit K route = implicit route.
+    assert results["class_sum_max_abs_error"] < 1e-10
+    assert results["decompose_vs_implicit_max_abs"] < 1e-10 * max(1.0, results["decompose_max_abs_predicted"])
+    # First order: the prediction tracks the actual step, and the gap shrinks faster than η.
+    assert results["pearson_predicted_actual"] > 0.9
+    assert all(r > 2.0 for r in results["final_gap_ratios_halving_lr"]), results["final_gap_ratios_halving_lr"]
+    for key in ("influence_prob_update_class", "influence_own_label", "ntk_class_similarity"):
+        assert np.asarray(results[key]).shape == (10, 10)
+    sim = np.asarray(results["ntk_class_similarity"])
+    np.testing.assert_allclose(sim, sim.T, rtol=1e-10)  # K(x, x') = K(x', x)^T has the same norm
+    probs = np.asarray(results["checkpoints"][-1]["class_mean_probs"])
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert "## Top off-diagonal class pairs" in (out / "report.md").read_text()
+
+
+def test_mnist_dynamics_config_errors():
+    with pytest.raises(ValueError, match="model"):
+        mnist_dynamics.Config(model="resnet")
+    with pytest.raises(ValueError, match="train_per_class"):
+        mnist_dynamics.Config(train_per_class=495, observed_per_class=10)
+    with pytest.raises(ValueError, match="ntk_per_class"):
+        mnist_dynamics.Config(ntk_per_class=20, observed_per_class=10)
+
+
+def test_class_kernel_similarity_and_pairs_by_hand():
+    labels = np.repeat(np.arange(10), 2)
+    labels[[1, 2]] = labels[[2, 1]]  # order: 0, 1, 0, 1, 2, 2, ...
+    n = len(labels)
+    kernel = np.zeros((n, n, 10, 10))
+    kernel[0, 1] = kernel[1, 0] = np.eye(10)  # ‖I‖_F = √10 between class 0 and class 1
+    kernel[0, 2] = kernel[2, 0] = 2 * np.eye(10)  # within class 0: 2√10
+    kernel[0, 0] = 100 * np.eye(10)  # self-pairs are excluded
+    sim = mnist_dynamics.class_kernel_similarity(kernel, labels)
+    assert sim[0, 0] == pytest.approx(2 * np.sqrt(10))
+    assert sim[0, 1] == pytest.approx(np.sqrt(10) / 4)  # 4 pairs of class 0 with class 1, one nonzero
+    assert sim[5, 5] == 0.0
+    with pytest.raises(ValueError, match=">= 2 per class"):
+        mnist_dynamics.class_kernel_similarity(kernel[1:, 1:], labels[1:])
+    m = np.zeros((10, 10))
+    m[9, 4], m[4, 9], m[3, 5] = 0.3, 0.1, 0.35
+    assert mnist_dynamics.top_off_diagonal(m, 1)[0] == {"row": 3, "col": 5, "value": 0.35}
+    assert mnist_dynamics.top_symmetric_pairs(m, 1)[0]["pair"] == [4, 9]
