@@ -133,6 +133,7 @@ def test_bfloat16_checkpoint_converts_exactly(tmp_path):
     target = tmp_path / "bf16"
     target.mkdir()
     shutil.copy(GOLDEN / "gpt_neox_parallel" / "config.json", target)
+    shutil.copy(GOLDEN / "gpt_neox_parallel" / "tokenizer.json", target)
     save_file(bf16, str(target / "model.safetensors"), metadata={"format": "pt"})
     assert read_safetensors(target)["embed_out.weight"].dtype == ml_dtypes.bfloat16
     model, _ = load_pretrained(target)  # float32 parameters
@@ -243,6 +244,8 @@ def test_known_buffers_are_ignored_and_legacy_head_name_accepted(tmp_path):
 
 def test_tied_head_that_differs_from_embedding_is_refused(tmp_path):
     target = copy_checkpoint("qwen2_tied", tmp_path / "ckpt")
+    rewrite_tensors(target, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    assert_same_params(load_pretrained(target)[0], load_pretrained(GOLDEN / "qwen2_tied")[0])  # equal copy: fine
     rewrite_tensors(target, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1.0}))
     with pytest.raises(CheckpointError, match="lm_head.weight differs from the embedding"):
         load_pretrained(target)
@@ -259,6 +262,10 @@ def test_missing_weights_and_broken_files_are_clear(tmp_path):
     (target / "model.safetensors.index.json").unlink()
     (target / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read safetensors"):
+        load_pretrained(target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "2"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: TransformerConfig\.num_layers='2' must be a positive int"):
         load_pretrained(target)
     (target / "config.json").write_text('{"model_type": "qwen2",')
     with pytest.raises(CheckpointError, match=r"config\.json: invalid JSON at line 1"):

@@ -274,6 +274,8 @@ def test_hf_config_reads_legacy_field_names():
     (dict(rotary_pct=0.1), "must be even"),
     (dict(hidden_act="gelu_fast_nope"), "hidden_act"),
     (dict(parallel_residual=True), "sequential residual"),
+    (dict(hidden_size=64.0), r"hidden_size=64\.0 must be a positive int"),
+    (dict(num_layers=0), "num_layers=0 must be a positive int"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -171,7 +171,7 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> TransformerConfig:
         raise CheckpointError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
     try:
         return TransformerConfig.from_hf_dict(hf, **overrides)
-    except (ConfigError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # ConfigError, or a field of the wrong type
         raise CheckpointError(f"{config_path}: {e}") from e
 
 

@@ -88,9 +88,13 @@ class TransformerConfig:
             raise ConfigError(f"TransformerConfig.arch={self.arch!r}: supported are {ARCHITECTURES}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"TransformerConfig.{name}={getattr(self, name)!r} must be positive")
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                     "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if value is None and name == "head_dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"TransformerConfig.{name}={value!r} must be a positive int")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ConfigError(
