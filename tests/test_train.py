@@ -128,8 +128,9 @@ def test_step_equals_manual_optax_update():
         return ce_loss(nnx.merge(graphdef, p, rest), batch)[0]
 
     params, opt_state = state.params, opt.init(state.params)
+    grad = jax.jit(jax.grad(loss))
     for _ in range(3):
-        g = jax.grad(loss)(params)
+        g = grad(params)
         u, opt_state = opt.update(g, opt_state, params)
         expected_norm = optax.tree.norm(g)
         params = optax.apply_updates(params, u)
@@ -265,13 +266,11 @@ def preference_arrays(n=8, seed=0):
 
 
 def logps_by_hand(model, ids, att, mask):
-    """Sum over scored t of log softmax(logits[t-1])[ids[t]], one sequence at a time."""
-    res = []
-    for i in range(ids.shape[0]):
-        logits = model(jnp.asarray(ids[i:i + 1]), jnp.asarray(att[i:i + 1]))[0]
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        res.append(sum(float(logp[t - 1, ids[i, t]]) for t in range(1, ids.shape[1]) if mask[i, t]))
-    return np.array(res)
+    """Sum over scored t of log softmax(logits[t-1])[ids[t]]: the shift and masking in NumPy loops."""
+    logits = np.asarray(nnx.jit(lambda m, i, a: m(i, a))(model, jnp.asarray(ids), jnp.asarray(att)), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return np.array([sum(logp[i, t - 1, ids[i, t]] for t in range(1, ids.shape[1]) if mask[i, t])
+                     for i in range(ids.shape[0])])
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
@@ -283,7 +282,7 @@ def test_preference_objective_matches_losses_on_hand_computed_logps(loss_type):
     ref_c, ref_r = chosen - 0.3, rejected + 0.2  # a reference that differs from the policy
     batch = {**{k: jnp.asarray(v) for k, v in data.items()}, "ref_chosen_logps": jnp.asarray(ref_c, jnp.float32),
              "ref_rejected_logps": jnp.asarray(ref_r, jnp.float32)}
-    loss, metrics = objectives.preference_objective(loss_type, beta=0.5)(model, batch)
+    loss, metrics = nnx.jit(objectives.preference_objective(loss_type, beta=0.5))(model, batch)
     lengths = dict(chosen_lengths=data["chosen_loss_mask"][:, 1:].sum(1), rejected_lengths=data["rejected_loss_mask"][:, 1:].sum(1))
     expected, rc, rr = losses.preference_loss(chosen, rejected, ref_c, ref_r, loss_type=loss_type, beta=0.5, **lengths)
     np.testing.assert_allclose(float(loss), float(np.mean(expected)), rtol=2e-5)
@@ -305,9 +304,9 @@ def test_sft_objective_is_mean_negative_logp():
     model = tiny_lm()
     d = preference_arrays()
     batch = {"input_ids": d["chosen_input_ids"], "attention_mask": d["chosen_attention_mask"], "loss_mask": d["chosen_loss_mask"]}
-    loss, _ = objectives.sft_objective()(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    loss, _ = nnx.jit(objectives.sft_objective())(model, {k: jnp.asarray(v) for k, v in batch.items()})
     np.testing.assert_allclose(float(loss), -logps_by_hand(model, *batch.values()).mean(), rtol=1e-5)
-    ploss, _ = objectives.pretrain_objective()(model, {k: jnp.asarray(v) for k, v in batch.items()})
+    ploss, _ = nnx.jit(objectives.pretrain_objective())(model, {k: jnp.asarray(v) for k, v in batch.items()})
     all_tokens = logps_by_hand(model, batch["input_ids"], batch["attention_mask"], batch["attention_mask"])
     np.testing.assert_allclose(float(ploss), -all_tokens.sum() / (batch["attention_mask"][:, 1:].sum()), rtol=1e-5)
 
@@ -343,10 +342,13 @@ def test_top1_sampling_is_greedy_and_stops_at_eos():
     lengths = jnp.array([3, 2])
     sample = sampling.make_sampler(graphdef, rest, max_new_tokens=4, top_k=1, eos_id=None)
     out = sample(params, prompts, lengths, jax.random.PRNGKey(1))
+    forward = nnx.jit(lambda m, ids: m(ids))
     for b in range(2):  # greedy decoding by hand, growing the sequence one token at a time
         seq = list(np.asarray(prompts[b, :int(lengths[b])]))
         for _ in range(4):
-            seq.append(int(jnp.argmax(model(jnp.asarray([seq], jnp.int32))[0, -1])))
+            # Zero-padded to 8 tokens (one compiled shape); causal attention ignores the padding.
+            padded = jnp.asarray([seq + [0] * (8 - len(seq))], jnp.int32)
+            seq.append(int(jnp.argmax(forward(model, padded)[0, len(seq) - 1])))
         L = len(seq)
         np.testing.assert_array_equal(np.asarray(out["input_ids"][b, :L]), seq)
         np.testing.assert_array_equal(np.asarray(out["loss_mask"][b]), [0] * int(lengths[b]) + [1] * 4 + [0] * (8 - L))
@@ -362,8 +364,9 @@ def test_top1_sampling_is_greedy_and_stops_at_eos():
 def test_on_policy_batch_keeps_chosen_and_scores_samples_with_the_reference():
     policy, reference = tiny_lm(0), tiny_lm(1)
     d = {k: jnp.asarray(v) for k, v in preference_arrays(n=4).items()}
-    out = sampling.on_policy_batch(lambda i, m: policy(i, m), lambda i, m: reference(i, m), d, jax.random.PRNGKey(2),
-                                   mode="rejected", max_new_tokens=3, top_k=5)
+    out = nnx.jit(lambda p, r, d, k: sampling.on_policy_batch(lambda i, m: p(i, m), lambda i, m: r(i, m), d, k,
+                                                              mode="rejected", max_new_tokens=3, top_k=5))(
+        policy, reference, d, jax.random.PRNGKey(2))
     assert out["rejected_input_ids"].shape == out["chosen_input_ids"].shape == (4, T + 3)
     np.testing.assert_array_equal(np.asarray(out["chosen_loss_mask"][:, :T]), np.asarray(d["chosen_loss_mask"]))
     prompt_len = np.asarray(sampling.prompt_lengths_of(d["chosen_attention_mask"], d["chosen_loss_mask"]))
