@@ -1,25 +1,60 @@
-"""Smoke tests of the experiments with tiny configs: files written, must-show numbers in range."""
+"""Smoke tests of the experiments with tiny configs: files written, must-show numbers in range.
+
+One quick demo run (all three experiments, ~30 s on 2 cores) is shared by the tests below.
+"""
 import json
 
 import numpy as np
 import pytest
 
-from experiments import mnist_dynamics
+from experiments import demo, mnist_dynamics
 
 
-# The LeNet variant spends ~1 min compiling conv Jacobians on 2 cores; the MLP run checks the same claims.
-@pytest.mark.parametrize("model", [pytest.param("lenet", marks=pytest.mark.slow), "mlp"])
-def test_mnist_dynamics_tiny(tmp_path, model):
-    config = mnist_dynamics.Config(out=str(tmp_path / "mnist"), train_per_class=40, observed_per_class=3,
-                                   steps=24, batch_size=16, analyse_every=6, checkpoints=2, ntk_per_class=2,
-                                   ntk_batch_size=20, model=model, mlp_hidden=(32,))
-    results = mnist_dynamics.main(config)
-    out = tmp_path / "mnist"
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    result = demo.main(demo.Config(out=str(out), quick=True))
+    return out, result
+
+
+def _results(out, name):
+    return json.loads((out / name / "results.json").read_text())
+
+
+def test_demo_writes_linked_report(demo_run):
+    out, result = demo_run
+    assert result["failed"] == []
+    report = (out / "report.md").read_text()
+    for name in demo.EXPERIMENTS:
+        assert f"[{name}]({name}/report.md) — ok" in report
+        assert (out / name / "report.md").is_file() and (out / name / "results.json").is_file()
+        assert list((out / name).glob("*.png")), f"{name} wrote no figure"
+        assert "headline keys not found" not in report, report
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["experiments"]) == set(demo.EXPERIMENTS)
+
+
+def test_squeeze_threshold_rule_exact(demo_run):
+    r = _results(demo_run[0], "squeeze_logreg")
+    assert r["all_panels_rule_exact"] is True
+    assert len(r["panels"]) >= 5
+    for panel in r["panels"]:
+        assert panel["rule_holds_exact"] and panel["rule_matches_gradient_step"], panel["name"]
+
+
+def test_first_order_gap_ratios(demo_run):
+    r = _results(demo_run[0], "first_order")
+    assert {s["optimizer"] for s in r["results"]} == {"SGD", "Adam"}
+    for s in r["results"]:
+        assert all(3.0 <= q <= 5.0 for q in s["halving_ratios"]), (s["optimizer"], s["halving_ratios"])
+        assert 1.8 <= s["loglog_slope"] <= 2.2, (s["optimizer"], s["loglog_slope"])
+
+
+def _check_mnist(out, results, num_analysed):
     for name in ("results.json", "report.md", "influence_per_step.png", "ntk_class_similarity.png",
                  "accumulated_influence.png", "predicted_vs_actual.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["num_analysed_steps"] == 4 == results["num_analysed_steps"]
+    assert results["num_analysed_steps"] == num_analysed
     # Exact identities (float64): per-class terms sum to the step; explicit K route = implicit route.
     assert results["class_sum_max_abs_error"] < 1e-10
     assert results["decompose_vs_implicit_max_abs"] < 1e-10 * max(1.0, results["decompose_max_abs_predicted"])
@@ -35,7 +70,46 @@ def test_mnist_dynamics_tiny(tmp_path, model):
     assert "## Top off-diagonal class pairs" in (out / "report.md").read_text()
 
 
-def test_mnist_dynamics_config_errors():
+def test_mnist_dynamics_quick(demo_run):
+    out = demo_run[0] / "mnist_dynamics"
+    results = _results(demo_run[0], "mnist_dynamics")
+    assert results["config"]["model"] == "mlp"
+    _check_mnist(out, results, num_analysed=4)
+
+
+# The LeNet variant spends ~1 min compiling conv Jacobians on 2 cores; the quick MLP run checks
+# the same claims, and the demo runs the LeNet by default.
+@pytest.mark.slow
+def test_mnist_dynamics_lenet_tiny(tmp_path):
+    config = mnist_dynamics.Config(out=str(tmp_path / "mnist"), train_per_class=40, observed_per_class=3,
+                                   steps=24, batch_size=16, analyse_every=6, checkpoints=2, ntk_per_class=2,
+                                   ntk_batch_size=20)
+    _check_mnist(tmp_path / "mnist", mnist_dynamics.main(config), num_analysed=4)
+
+
+def test_demo_reports_a_failure_and_exits_nonzero(tmp_path, monkeypatch):
+    import experiments.squeeze_logreg as squeeze_logreg
+
+    def broken(config):
+        raise RuntimeError("deliberately broken for the test")
+
+    monkeypatch.setattr(squeeze_logreg, "main", broken)
+    result = demo.main(demo.Config(out=str(tmp_path), only=("squeeze_logreg",)))
+    assert result["failed"] == ["squeeze_logreg"]
+    report = (tmp_path / "report.md").read_text()
+    assert "squeeze_logreg](squeeze_logreg/report.md) — failed" in report
+    assert "deliberately broken for the test" in report
+
+
+def test_headline_falls_back_when_keys_move():
+    lines = demo.headline("first_order", {"renamed": 1.5, "ok": True})
+    assert lines[0].startswith("(headline keys not found")
+    assert "renamed: 1.5" in lines and "ok: True" in lines
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="unknown experiments"):
+        demo.Config(only=("mnist",))
     with pytest.raises(ValueError, match="model"):
         mnist_dynamics.Config(model="resnet")
     with pytest.raises(ValueError, match="train_per_class"):
