@@ -23,8 +23,9 @@ Kernel", ICML 2022):
 
 - ``"jacobian_contraction"``: per-example Jacobians (``jacrev`` or ``jacfwd``, whichever is
   cheaper), then one contraction over parameters;
-- ``"ntk_vector_products"``: one VJP per output entry of ``x2`` and one JVP of the ``x1`` batch per
-  such parameter direction; Jacobians of ``x1`` are never formed.
+- ``"ntk_vector_products"``: for each example pair, the kernel's rows as products
+  ``J(x2) (J(x1)ᵀ e)`` with the output basis ``e`` (one VJP and one JVP each); no Jacobian is
+  stored beyond the batch of parameter directions in flight.
 
 ``"auto"`` estimates both costs from the shapes and one forward pass's FLOPs (XLA cost
 analysis), ``"neural_tangents"`` delegates to neural-tangents where it imports.
@@ -204,23 +205,26 @@ def _jacobian_contraction_block(f, params, x1, x2, trace, diagonal, same):
 @functools.partial(jax.jit, static_argnames=("f", "trace", "diagonal"))
 def _ntk_vector_products_block(f, params, x1, x2, trace, diagonal):
     f_single = _per_example(f)
-    out2 = jax.eval_shape(f, params, x2).shape
-    _, jvp1 = jax.linearize(lambda p: f(p, x1), params)
 
-    def columns_of_one_example(x):
-        # K(x1, x) for one example x: pull every output basis vector of f(x) back to parameter
-        # space (VJP), push each one through the whole x1 batch (JVP).
-        fx, pullback = jax.vjp(lambda p: f_single(p, x), params)
-        basis = jnp.eye(fx.size, dtype=fx.dtype).reshape((fx.size,) + fx.shape)
-        return jax.vmap(lambda e: jvp1(pullback(e)[0]))(basis)
+    def pair(a, b):
+        # K(a, b) for one example pair: g ↦ J(a) J(b)ᵀ g is linear; evaluating its transpose
+        # g' ↦ J(b) J(a)ᵀ g' on the output basis of f(a) gives the rows of K(a, b). Going
+        # through jax.linear_transpose (as neural-tangents does) measured faster on CPU than
+        # batching the VJPs and JVPs directly (benchmarks/results/ntk.md).
+        fa, fb = (lambda p: f_single(p, a)), (lambda p: f_single(p, b))
+        ya, yb = jax.eval_shape(fa, params), jax.eval_shape(fb, params)
 
-    # (N2, O2, *out1) -> (*out1, *out2) with out2 = (N2, *per-example out2)
-    columns = jax.vmap(columns_of_one_example)(x2)
-    columns = columns.reshape(out2 + columns.shape[2:])
-    ndim = len(out2)
-    full = jnp.moveaxis(columns, tuple(range(ndim)), tuple(range(ndim, 2 * ndim)))
-    sub1, sub2, out, _ = _pair_subscripts(ndim, trace, diagonal)
-    return jnp.einsum(f"{sub1}{sub2}->{out}", full)
+        def kernel_times(g):
+            return jax.jvp(fa, (params,), jax.vjp(fb, params)[1](g))[1]
+
+        basis = jnp.eye(math.prod(ya.shape), dtype=ya.dtype).reshape((-1,) + ya.shape)
+        rows = jax.vmap(jax.linear_transpose(kernel_times, yb))(basis)[0]
+        return rows.reshape(ya.shape + yb.shape)
+
+    # (N1, N2, *out1, *out2): every pair of examples.
+    full = jax.vmap(jax.vmap(pair, (None, 0)), (0, None))(x1, x2)
+    sub1, sub2, out, _ = _pair_subscripts(full.ndim // 2, trace, diagonal)
+    return jnp.einsum(f"{sub1[0]}{sub2[0]}{sub1[1:]}{sub2[1:]}->{out}", full)
 
 
 def _import_neural_tangents():
@@ -286,7 +290,8 @@ def estimate_costs(f: ApplyFn, params: PyTree, x1: PyTree, x2: PyTree | None = N
     - Jacobian contraction: ``(N1 + N2) · min(O, P) · 3F`` for the Jacobians plus
       ``2 · N1 O1 · N2 O2 / D · P`` for contracting them (``D``: the product of traced and
       diagonal sizes, which share an index);
-    - NTK-vector products: ``N2 O2 · 3F`` for the VJPs plus ``N2 O2 · N1 · 3F`` for the JVPs.
+    - NTK-vector products: ``N1 N2 O1 · 6F`` (one VJP and one JVP per example pair and basis
+      vector).
 
     Returns a dict with both counts and the cheaper strategy under ``"choice"``.
     """
@@ -301,7 +306,7 @@ def estimate_costs(f: ApplyFn, params: PyTree, x1: PyTree, x2: PyTree | None = N
     flops = _forward_flops(f, params, x1)
     shared = _trace_size(shape1, trace + diagonal)
     jc = (n1 + n2) * min(o1, p) * 3 * flops + 2 * n1 * o1 * n2 * o2 / shared * p
-    vp = n2 * o2 * 3 * flops * (1 + n1)
+    vp = n1 * n2 * o1 * 6 * flops
     return {"jacobian_contraction": jc, "ntk_vector_products": vp, "forward_flops": flops,
             "params": p, "choice": "jacobian_contraction" if jc <= vp else "ntk_vector_products"}
 
