@@ -270,6 +270,10 @@ def write_report(out: pathlib.Path, config: Config, results: dict[str, Any], fig
         f"- predicted vs actual Δ log π (all analysed steps, all observed entries): Pearson r = "
         f"{results['pearson_predicted_actual']:.6f}, relative error "
         f"‖pred − actual‖/‖actual‖ = {results['relative_error_predicted_actual']:.3g}",
+        f"- per analysed step the relative error ranged {min(e['relative_error'] for e in results['relative_error_per_analysed_step']):.3g}"
+        f"–{max(e['relative_error'] for e in results['relative_error_per_analysed_step']):.3g} "
+        f"(largest |actual Δ log π| per step up to "
+        f"{max(e['max_abs_actual'] for e in results['relative_error_per_analysed_step']):.3g} nats)",
         f"- at the trained parameters (last analysed batch) the gap ‖pred − actual‖ for η, η/2, η/4, η/8: "
         f"{', '.join(f'{g:.3g}' for g in results['final_gap_norms'])}; ratios for halving η "
         f"{', '.join(f'{r:.2f}' for r in results['final_gap_ratios_halving_lr'])} (4 = pure O(η²))",
