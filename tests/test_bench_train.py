@@ -150,7 +150,7 @@ def test_torch_reference_attention_variants_agree(tiny_inputs, tmp_path):
 def test_driver_writes_json_and_markdown(tmp_path):
     runners = ("ldjax", "torch") if TORCH_PYTHON else ("ldjax",)
     config = bench.Config(out=str(tmp_path), sizes=("tiny",), objectives=("sft",), runners=runners,
-                          extra_runners=(), warmup=1, steps=1, torch_python=TORCH_PYTHON or "")
+                          extra_runners=(), xla_flag_trials=(), warmup=1, steps=1, torch_python=TORCH_PYTHON or "")
     report = bench.main(config)
     saved = json.loads((tmp_path / "train.json").read_text())
     assert [c["runner"] for c in saved["cells"]] == list(runners)
