@@ -32,7 +32,9 @@ HEAVY = settings(max_examples=8, deadline=None)
 
 seeds = st.integers(0, 2**31 - 1)
 betas = st.floats(0.02, 4.0)
-smoothings = st.floats(0.0, 0.45)
+# XLA on CPU flushes subnormal floats to zero, so a subnormal ε would meet log(0) in ldjax
+# but not in numpy's reference; subnormal smoothing is not a meaningful setting anyway.
+smoothings = st.floats(0.0, 0.45, allow_subnormal=False)
 # Few distinct shapes: every new shape recompiles each eager op, which dominates run time.
 batch_sizes = st.sampled_from([1, 5])
 # Log-prob scales from "policy barely moved" to "tens of nats": puts the hinge and IPO
