@@ -47,7 +47,13 @@ class TokenizationError(ValueError):
         super().__init__(reason if index is None else f"example {index}: {reason}")
 
 
-def _special_id(tokenizer, given: int | None, candidates: Sequence[str], what: str) -> int:
+def special_token_id(tokenizer, given: int | None, candidates: Sequence[str], what: str) -> int:
+    """``given`` if set, else the id of the first of ``candidates`` the tokenizer knows.
+
+    Raises:
+      TokenizationError: none of ``candidates`` is in the vocabulary (``what`` names the
+        argument the caller should pass instead).
+    """
     if given is not None:
         return int(given)
     for token in candidates:
@@ -155,8 +161,8 @@ def _tokenize(
     _check_lengths(max_length, max_prompt_length, truncation_mode)
     if on_empty not in ("raise", "drop"):
         raise TokenizationError(f"on_empty must be 'raise' or 'drop', got {on_empty!r}")
-    eos = _special_id(tokenizer, eos_id, EOS_CANDIDATES, "eos_id") if add_eos else None
-    pad = _special_id(tokenizer, pad_id, PAD_CANDIDATES + EOS_CANDIDATES, "pad_id")
+    eos = special_token_id(tokenizer, eos_id, EOS_CANDIDATES, "eos_id") if add_eos else None
+    pad = special_token_id(tokenizer, pad_id, PAD_CANDIDATES + EOS_CANDIDATES, "pad_id")
     if vocab_size is not None and not 0 <= pad < vocab_size:
         raise TokenizationError(f"pad_id {pad} is outside the model vocabulary [0, {vocab_size})")
     lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
