@@ -322,6 +322,12 @@ class HFWrapper(nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (getrusage)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -355,8 +361,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"job objective={job['objective']!r}: expected 'sft' or 'dpo'")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(job.get("learning_rate", 1e-4)), eps=1e-8)
 
-    times, losses = [], []
+    times, losses, cpu_start = [], [], None
     for _ in range(int(job["warmup"]) + int(job["steps"])):
+        if len(times) == int(job["warmup"]):
+            cpu_start = _cpu_seconds()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of()
@@ -364,12 +372,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         losses.append(loss.item())  # .item() synchronises, as ldjax's float(loss) does
         times.append(time.perf_counter() - start)
+    cpu_seconds = _cpu_seconds() - cpu_start  # all threads, over the timed steps only
     result = {
         "impl": job.get("impl", "torch"),
         "threads": torch.get_num_threads(),
         "step_seconds": times[int(job["warmup"]):],
         "warmup_seconds": times[:int(job["warmup"])],
         "losses": losses,
+        "cpu_seconds": cpu_seconds,
         "num_params": sum(p.numel() for p in model.parameters()),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_start_bytes": rss_start,

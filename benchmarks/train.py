@@ -22,7 +22,11 @@ the table shows that the two sides computed the same thing. On a GPU the same sc
 reports model FLOPs utilisation (PaLM's 6N + 12·L·H·Q·T FLOPs per token, Chowdhery et al. 2022,
 App. B) against the device's peak.
 
-Run: ``python benchmarks/train.py --out benchmarks/results`` (``--help`` for the fields).
+Run: ``python benchmarks/train.py --out benchmarks/results`` (``--help`` for the fields). On one
+GPU: ``--device gpu --runners ldjax torch --extra-runners hf --xla-flag-trials`` (no host-device
+mesh there; pass ``--peak-tflops`` for a GPU not in :data:`PEAK_TFLOPS`). MFU is computed against
+the TF32 tensor-core peak, which JAX's default float32 matmul precision uses on NVIDIA GPUs;
+torch keeps full float32 matmuls unless ``allow_tf32`` is set, so its MFU is understated there.
 """
 from __future__ import annotations
 
@@ -258,6 +262,12 @@ def peak_flops(device_kind: str, override_tflops: float, matmul: str = "tf32") -
 # The ldjax side (runs inside a worker process whose XLA_FLAGS the driver set)
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads (getrusage)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -299,12 +309,15 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
     else:
         device_batch = jax.device_put(batch)
 
-    times, losses = [], []
+    times, losses, cpu_start = [], [], None
     for _ in range(int(job["warmup"]) + int(job["steps"])):
+        if len(times) == int(job["warmup"]):
+            cpu_start = _cpu_seconds()
         start = time.perf_counter()
         state, metrics = step(state, device_batch)
         losses.append(float(metrics["loss"]))  # float() waits for the step to finish
         times.append(time.perf_counter() - start)
+    cpu_seconds = _cpu_seconds() - cpu_start  # all threads, over the timed steps only
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     device = jax.devices()[0]
     device_stats = device.memory_stats() or {}
@@ -328,6 +341,7 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
         "step_seconds": times[int(job["warmup"]):],
         "warmup_seconds": times[:int(job["warmup"])],
         "losses": losses,
+        "cpu_seconds": cpu_seconds,
         "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
         "peak_rss_bytes": peak_rss,
         "rss_start_bytes": rss_start,
@@ -410,6 +424,8 @@ def summarise(result: dict[str, Any], tokens_per_step: int, flops_per_step: floa
         "achieved_tflops": flops_per_step / median / 1e12,
         "peak_rss_mib": result["peak_rss_bytes"] / 2**20,
         "rss_growth_mib": (result["peak_rss_bytes"] - result["rss_start_bytes"]) / 2**20,
+        # CPU seconds per wall second over the timed steps: how many cores the step kept busy.
+        "cores_busy": result["cpu_seconds"] / sum(result["step_seconds"]),
     }
     out["mfu"] = None if peak is None else flops_per_step / median / peak
     return out
@@ -535,7 +551,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "Tokens per step: B × T for SFT, 2 × B × T for DPO (policy forward and backward on chosen and "
         "rejected in one concatenated batch; reference log-probs precomputed). `× torch` is throughput "
         "relative to torch with its default threads (> 1: faster than torch). `|Δloss|` is the largest "
-        "gap to torch's loss over all steps of the run (same start, same updates ⇒ small). Peak RSS is "
+        "gap to torch's loss over all steps of the run (same start, same updates ⇒ small). `cores busy` is "
+        "the process's CPU time (all threads) over the wall time of the timed steps. Peak RSS is "
         "the process high-water mark (`getrusage`), `+RSS` its growth after imports; `XLA temp` is the "
         "compiled step's scratch memory from `memory_analysis()`.",
         "",
@@ -547,16 +564,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     for objective in cfg["objectives"]:
         lines += [f"## {objective.upper()} step", "",
-                  "| size | runner | median ms | tokens/s | × torch | peak RSS MiB | +RSS MiB | XLA temp MiB "
-                  "| GFLOP/s | MFU | loss₀ | \\|Δloss\\| |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| size | runner | median ms | tokens/s | × torch | cores busy | peak RSS MiB | +RSS MiB "
+                  "| XLA temp MiB | GFLOP/s | MFU | loss₀ | \\|Δloss\\| |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for cell in report["cells"]:
             if cell["objective"] != objective:
                 continue
             xla = cell["raw"].get("xla_memory")
             lines.append(
                 f"| {cell['size']} | {cell['runner']} | {cell['median_step_s'] * 1e3:.1f} | {cell['tokens_per_s']:,.0f} "
-                f"| {_fmt(cell['speed_vs_torch'], '.2f')} | {cell['peak_rss_mib']:.0f} | {cell['rss_growth_mib']:.0f} "
+                f"| {_fmt(cell['speed_vs_torch'], '.2f')} | {cell['cores_busy']:.2f} "
+                f"| {cell['peak_rss_mib']:.0f} | {cell['rss_growth_mib']:.0f} "
                 f"| {_fmt(None if xla is None else xla['temp_bytes'] / 2**20, '.1f')} "
                 f"| {cell['achieved_tflops'] * 1e3:.1f} | {_fmt(cell['mfu'], '.1%')} "
                 f"| {cell['raw']['losses'][0]:.4f} | {_fmt(cell['max_loss_gap_vs_torch'], '.1e')} |")
@@ -591,12 +609,19 @@ def observations(report: dict[str, Any]) -> list[str]:
             mesh = next((c for c in here if c["runner"] == "ldjax-mesh2"), None)
             if single and mesh:
                 out.append(f"  The 2-device mesh runs at ×{mesh['tokens_per_s'] / single['tokens_per_s']:.2f} "
-                           f"the single-device throughput.")
+                           f"the single-device throughput, keeping {mesh['cores_busy']:.2f} cores busy "
+                           f"(single device {single['cores_busy']:.2f}, torch {torch_cells_busy(here)}).")
     gaps = [c["max_loss_gap_vs_torch"] for c in cells if c["max_loss_gap_vs_torch"] is not None]
     if gaps:
         out.append(f"- Largest loss gap between any runner and torch over all steps: {max(gaps):.1e} "
                    "(float32 round-off: the implementations compute the same step).")
     return out
+
+
+def torch_cells_busy(cells: list[dict[str, Any]]) -> str:
+    """Cores kept busy by torch with its default threads, as text."""
+    ref = next((c for c in cells if c["runner"] == "torch"), None)
+    return "–" if ref is None else f"{ref['cores_busy']:.2f}"
 
 
 def _worker(job_file: str) -> None:
