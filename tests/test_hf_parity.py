@@ -26,7 +26,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from ldjax.models import CausalLM, TransformerConfig, load_pretrained, save_pretrained
-from ldjax.models.hf import CheckpointError, read_safetensors
+from ldjax.models.hf import PretrainedFormatError, read_safetensors
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 MAKE_GOLDEN = GOLDEN / "make_golden.py"
@@ -207,7 +207,7 @@ def test_unsupported_model_type_is_named(tmp_path):
 def test_missing_tensor_is_named(tmp_path):
     target = copy_checkpoint("gpt_neox_parallel", tmp_path / "ckpt")
     rewrite_tensors(target, lambda t: t.pop("gpt_neox.layers.1.mlp.dense_4h_to_h.bias"))
-    with pytest.raises(CheckpointError, match=r"missing tensors \['gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias'\]"):
+    with pytest.raises(PretrainedFormatError, match=r"missing tensors \['gpt_neox\.layers\.1\.mlp\.dense_4h_to_h\.bias'\]"):
         load_pretrained(target)
 
 
@@ -219,7 +219,7 @@ def test_misshaped_and_unexpected_tensors_are_named(tmp_path):
         t["model.layers.7.mlp.up_proj.weight"] = np.zeros((3,), np.float32)
 
     rewrite_tensors(target, edit)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(PretrainedFormatError) as err:
         load_pretrained(target)
     message = str(err.value)
     assert "model.layers.0.self_attn.k_proj.weight: expected (32, 64), found (64, 64)" in message
@@ -247,30 +247,30 @@ def test_tied_head_that_differs_from_embedding_is_refused(tmp_path):
     rewrite_tensors(target, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
     assert_same_params(load_pretrained(target)[0], load_pretrained(GOLDEN / "qwen2_tied")[0])  # equal copy: fine
     rewrite_tensors(target, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1.0}))
-    with pytest.raises(CheckpointError, match="lm_head.weight differs from the embedding"):
+    with pytest.raises(PretrainedFormatError, match="lm_head.weight differs from the embedding"):
         load_pretrained(target)
 
 
 def test_missing_weights_and_broken_files_are_clear(tmp_path):
     target = copy_checkpoint("qwen2_tied", tmp_path / "ckpt")
     (target / "model.safetensors").rename(target / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match=r"neither model\.safetensors nor .*never pickled"):
+    with pytest.raises(PretrainedFormatError, match=r"neither model\.safetensors nor .*never pickled"):
         load_pretrained(target)
     (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
-    with pytest.raises(CheckpointError, match=r"missing: \['gone\.safetensors'\]"):
+    with pytest.raises(PretrainedFormatError, match=r"missing: \['gone\.safetensors'\]"):
         load_pretrained(target)
     (target / "model.safetensors.index.json").unlink()
     (target / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+    with pytest.raises(PretrainedFormatError, match="cannot read safetensors"):
         load_pretrained(target)
     config = json.loads((target / "config.json").read_text())
     (target / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "2"}))
-    with pytest.raises(CheckpointError, match=r"config\.json: TransformerConfig\.num_layers='2' must be a positive int"):
+    with pytest.raises(PretrainedFormatError, match=r"config\.json: TransformerConfig\.num_layers='2' must be a positive int"):
         load_pretrained(target)
     (target / "config.json").write_text('{"model_type": "qwen2",')
-    with pytest.raises(CheckpointError, match=r"config\.json: invalid JSON at line 1"):
+    with pytest.raises(PretrainedFormatError, match=r"config\.json: invalid JSON at line 1"):
         load_pretrained(target)
-    with pytest.raises(CheckpointError, match="not a directory"):
+    with pytest.raises(PretrainedFormatError, match="not a directory"):
         load_pretrained(tmp_path / "nowhere")
 
 

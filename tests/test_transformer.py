@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from ldjax.models import CausalLM, TransformerConfig
 from ldjax.models.functional import functional
-from ldjax.models.transformer import apply_rotary, rotary_cos_sin
+from ldjax.models.hf import PretrainedFormatError
+from ldjax.models.transformer import TransformerConfigError, apply_rotary, rotary_cos_sin
 
 ARCHS = ["gpt_neox", "qwen2"]
 V = 61
@@ -278,20 +279,29 @@ def test_hf_config_reads_legacy_field_names():
     (dict(num_layers=0), "num_layers=0 must be a positive int"),
 ])
 def test_bad_config_is_a_clear_error(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(TransformerConfigError, match=match):
         TransformerConfig.tiny("qwen2", **bad) if "arch" not in bad else TransformerConfig(**bad)
 
 
 def test_bad_hf_config_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"model_type='bert'.*supported"):
+    with pytest.raises(TransformerConfigError, match=r"model_type='bert'.*supported"):
         TransformerConfig.from_hf_dict({"model_type": "bert"})
-    with pytest.raises(ValueError, match="missing field 'hidden_size'"):
+    with pytest.raises(TransformerConfigError, match="missing field 'hidden_size'"):
         TransformerConfig.from_hf_dict({"model_type": "qwen2", "vocab_size": 10})
     base = TransformerConfig.tiny("qwen2").to_hf_dict()
-    with pytest.raises(ValueError, match="rope_type='linear'"):
+    with pytest.raises(TransformerConfigError, match="rope_type='linear'"):
         TransformerConfig.from_hf_dict({**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
-    with pytest.raises(ValueError, match="use_sliding_window"):
+    with pytest.raises(TransformerConfigError, match="use_sliding_window"):
         TransformerConfig.from_hf_dict({**base, "use_sliding_window": True})
+
+
+def test_model_side_errors_are_not_the_training_engine_s():
+    # One name, one meaning: the model-side errors must not be confused with ldjax.train's.
+    from ldjax.train.checkpoint import CheckpointError
+    from ldjax.train.config import ConfigError
+    assert not issubclass(TransformerConfigError, ConfigError) and not issubclass(ConfigError, TransformerConfigError)
+    assert not issubclass(PretrainedFormatError, CheckpointError)
+    assert issubclass(TransformerConfigError, ValueError) and issubclass(PretrainedFormatError, ValueError)
 
 
 def test_bad_inputs_are_clear_errors():

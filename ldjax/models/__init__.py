@@ -12,8 +12,10 @@ from typing import Any
 _EXPORTS = {
     "TransformerConfig": "ldjax.models.transformer",
     "CausalLM": "ldjax.models.transformer",
+    "TransformerConfigError": "ldjax.models.transformer",
     "load_pretrained": "ldjax.models.hf",
     "save_pretrained": "ldjax.models.hf",
+    "PretrainedFormatError": "ldjax.models.hf",
 }
 
 __all__ = list(_EXPORTS)

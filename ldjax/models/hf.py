@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ldjax.models.transformer import CausalLM, ConfigError, TransformerConfig
+from ldjax.models.transformer import CausalLM, TransformerConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,7 +39,7 @@ IGNORED_TENSORS = re.compile(r"(\.attention\.(bias|masked_bias)|rotary_emb\.inv_
 ParamPath = tuple[Any, ...]
 
 
-class CheckpointError(ValueError):
+class PretrainedFormatError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file and the tensors."""
 
 
@@ -162,17 +162,17 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> TransformerConfig:
     """``TransformerConfig`` of the checkpoint directory ``path`` (reads ``config.json``)."""
     config_path = pathlib.Path(path) / CONFIG_FILE
     if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: no such file (a Hugging Face checkpoint directory needs one)")
+        raise PretrainedFormatError(f"{config_path}: no such file (a Hugging Face checkpoint directory needs one)")
     try:
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        raise PretrainedFormatError(f"{config_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
     if not isinstance(hf, dict):
-        raise CheckpointError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
+        raise PretrainedFormatError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
     try:
         return TransformerConfig.from_hf_dict(hf, **overrides)
-    except (ValueError, TypeError) as e:  # ConfigError, or a field of the wrong type
-        raise CheckpointError(f"{config_path}: {e}") from e
+    except (ValueError, TypeError) as e:  # TransformerConfigError, or a field of the wrong type
+        raise PretrainedFormatError(f"{config_path}: {e}") from e
 
 
 def _weight_files(directory: pathlib.Path) -> dict[pathlib.Path, list[str] | None]:
@@ -182,18 +182,18 @@ def _weight_files(directory: pathlib.Path) -> dict[pathlib.Path, list[str] | Non
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
+            raise PretrainedFormatError(f"{index_path}: not a safetensors index with a 'weight_map' ({e!r})") from e
         shards: dict[pathlib.Path, list[str]] = {}
         for name, shard in weight_map.items():
             shards.setdefault(directory / shard, []).append(name)
         missing = sorted(str(p.name) for p in shards if not p.is_file())
         if missing:
-            raise CheckpointError(f"{index_path}: shard files listed in the index are missing: {missing}")
+            raise PretrainedFormatError(f"{index_path}: shard files listed in the index are missing: {missing}")
         return dict(shards)
     if single.is_file():
         return {single: None}
     present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    raise CheckpointError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found (files: {present}); "
+    raise PretrainedFormatError(f"{directory}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found (files: {present}); "
                           "only safetensors checkpoints are read, never pickled *.bin files")
 
 
@@ -212,14 +212,14 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 if expected is not None:
                     absent = sorted(set(expected) - set(keys))
                     if absent:
-                        raise CheckpointError(f"{shard}: tensors the index places here are absent: {absent}")
+                        raise PretrainedFormatError(f"{shard}: tensors the index places here are absent: {absent}")
                     keys = expected
                 for key in keys:
                     if key in tensors:
-                        raise CheckpointError(f"{shard}: tensor {key!r} appears in more than one shard")
+                        raise PretrainedFormatError(f"{shard}: tensor {key!r} appears in more than one shard")
                     tensors[key] = f.get_tensor(key)
         except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{shard}: cannot read safetensors file: {e}") from e
+            raise PretrainedFormatError(f"{shard}: cannot read safetensors file: {e}") from e
     return tensors
 
 
@@ -240,7 +240,7 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], pu
     """Fills the nested pure dict ``pure`` (NNX layout) from HF ``tensors``; checks names and shapes.
 
     Raises:
-      CheckpointError: naming every missing, unexpected and mis-shaped tensor.
+      PretrainedFormatError: naming every missing, unexpected and mis-shaped tensor.
     """
     maps = tensor_mappings(config)
     tensors = dict(tensors)
@@ -259,7 +259,7 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], pu
     if bad_shapes:
         problems.append(f"mis-shaped tensors [{'; '.join(bad_shapes)}]")
     if problems:
-        raise CheckpointError(f"{source} does not match {config.arch} config "
+        raise PretrainedFormatError(f"{source} does not match {config.arch} config "
                               f"(layers={config.num_layers}, hidden={config.hidden_size}, "
                               f"vocab={config.vocab_size}): " + "; ".join(problems))
     for m in maps:
@@ -272,7 +272,7 @@ def params_from_hf(config: TransformerConfig, tensors: dict[str, np.ndarray], pu
         if m.optional and m.hf_name in tensors:
             tied = m.to_hf(*(np.asarray(_get(pure, p), np.float32) for p in m.paths))
             if not np.array_equal(np.asarray(tensors[m.hf_name], np.float32), tied):
-                raise CheckpointError(f"{source}: {m.hf_name} differs from the embedding although "
+                raise PretrainedFormatError(f"{source}: {m.hf_name} differs from the embedding although "
                                       "tie_word_embeddings is true")
     return pure
 
@@ -293,12 +293,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
       warning, when ``tokenizer.json`` is absent).
 
     Raises:
-      CheckpointError (a ``ValueError``): unsupported ``model_type``, unreadable files, missing,
+      PretrainedFormatError (a ``ValueError``): unsupported ``model_type``, unreadable files, missing,
         unexpected or mis-shaped tensors.
     """
     directory = pathlib.Path(path)
     if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
+        raise PretrainedFormatError(f"{directory}: not a directory")
     config = read_config(directory, **config_overrides)
     param_dtype = dtype if param_dtype is None else param_dtype
     abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
@@ -320,7 +320,7 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         return Tokenizer.from_file(str(tokenizer_path))
     except Exception as e:  # the Rust side raises a bare Exception on a malformed file
-        raise CheckpointError(f"{tokenizer_path}: cannot parse tokenizer: {e}") from e
+        raise PretrainedFormatError(f"{tokenizer_path}: cannot parse tokenizer: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,5 +408,5 @@ def save_pretrained(model: CausalLM, tokenizer: Any, path: str | os.PathLike, *,
     return directory
 
 
-__all__: Sequence[str] = ("CheckpointError", "TensorMapping", "tensor_mappings", "read_config", "read_safetensors",
+__all__: Sequence[str] = ("PretrainedFormatError", "TensorMapping", "tensor_mappings", "read_config", "read_safetensors",
                           "params_from_hf", "params_to_hf", "load_pretrained", "load_tokenizer", "save_pretrained")

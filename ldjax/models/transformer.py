@@ -44,7 +44,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-class ConfigError(ValueError):
+class TransformerConfigError(ValueError):
     """A transformer config that is inconsistent or not representable."""
 
 
@@ -85,7 +85,7 @@ class TransformerConfig:
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
-            raise ConfigError(f"TransformerConfig.arch={self.arch!r}: supported are {ARCHITECTURES}")
+            raise TransformerConfigError(f"TransformerConfig.arch={self.arch!r}: supported are {ARCHITECTURES}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
@@ -94,24 +94,24 @@ class TransformerConfig:
             if value is None and name == "head_dim":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"TransformerConfig.{name}={value!r} must be a positive int")
+                raise TransformerConfigError(f"TransformerConfig.{name}={value!r} must be a positive int")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
-                raise ConfigError(
+                raise TransformerConfigError(
                     f"TransformerConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
+            raise TransformerConfigError(
                 f"TransformerConfig.num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.hidden_act not in ACTIVATIONS:
-            raise ConfigError(f"TransformerConfig.hidden_act={self.hidden_act!r}: supported are {sorted(ACTIVATIONS)}")
+            raise TransformerConfigError(f"TransformerConfig.hidden_act={self.hidden_act!r}: supported are {sorted(ACTIVATIONS)}")
         if not 0.0 < self.rotary_pct <= 1.0:
-            raise ConfigError(f"TransformerConfig.rotary_pct={self.rotary_pct} must be in (0, 1]")
+            raise TransformerConfigError(f"TransformerConfig.rotary_pct={self.rotary_pct} must be in (0, 1]")
         if self.rotary_dim % 2:
-            raise ConfigError(
+            raise TransformerConfigError(
                 f"TransformerConfig: rotary dimension int(head_dim * rotary_pct) = {self.rotary_dim} must be even")
         if self.arch == "qwen2" and (self.parallel_residual or self.out_bias or self.mlp_bias):
-            raise ConfigError("TransformerConfig(arch='qwen2') has a sequential residual, no o_proj bias and no MLP "
+            raise TransformerConfigError("TransformerConfig(arch='qwen2') has a sequential residual, no o_proj bias and no MLP "
                               "bias: set parallel_residual=out_bias=mlp_bias=False")
 
     @property
@@ -138,7 +138,7 @@ class TransformerConfig:
                         rotary_pct=1.0, parallel_residual=False, qkv_bias=True, out_bias=False,
                         mlp_bias=False, tie_word_embeddings=True)
         else:
-            raise ConfigError(f"TransformerConfig.tiny(arch={arch!r}): supported are {ARCHITECTURES}")
+            raise TransformerConfigError(f"TransformerConfig.tiny(arch={arch!r}): supported are {ARCHITECTURES}")
         base.update(overrides)
         return cls(**base)
 
@@ -147,22 +147,22 @@ class TransformerConfig:
         """Reads a Hugging Face ``config.json`` dict (transformers 4.x or 5.x field names).
 
         Raises:
-          ConfigError: for a ``model_type`` other than gpt_neox / qwen2, a missing field, or a
+          TransformerConfigError: for a ``model_type`` other than gpt_neox / qwen2, a missing field, or a
             feature this model does not implement (RoPE scaling, sliding-window attention).
         """
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
-            raise ConfigError(f"config.json: model_type={model_type!r} is not supported; supported are {ARCHITECTURES}")
+            raise TransformerConfigError(f"config.json: model_type={model_type!r} is not supported; supported are {ARCHITECTURES}")
         rope = dict(hf.get("rope_parameters") or {})
         legacy_scaling = hf.get("rope_scaling")
         if legacy_scaling:
             rope.setdefault("rope_type", legacy_scaling.get("rope_type", legacy_scaling.get("type")))
         if rope.get("rope_type", "default") != "default":
-            raise ConfigError(f"config.json: rope_type={rope['rope_type']!r} is not supported (only 'default')")
+            raise TransformerConfigError(f"config.json: rope_type={rope['rope_type']!r} is not supported (only 'default')")
 
         def need(key: str) -> Any:
             if key not in hf:
-                raise ConfigError(f"config.json (model_type={model_type!r}): missing field {key!r}")
+                raise TransformerConfigError(f"config.json (model_type={model_type!r}): missing field {key!r}")
             return hf[key]
 
         common = dict(
@@ -186,7 +186,7 @@ class TransformerConfig:
             )
         else:
             if hf.get("use_sliding_window", False):
-                raise ConfigError("config.json: use_sliding_window=true is not supported")
+                raise TransformerConfigError("config.json: use_sliding_window=true is not supported")
             fields = dict(
                 common, hidden_act=hf.get("hidden_act", "silu"),
                 num_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -203,7 +203,7 @@ class TransformerConfig:
         """The Hugging Face ``config.json`` dict (loadable by transformers 4.x and 5.x).
 
         Raises:
-          ConfigError: if this config has no Hugging Face equivalent (e.g. GPT-NeoX with a
+          TransformerConfigError: if this config has no Hugging Face equivalent (e.g. GPT-NeoX with a
             different bias on q/k/v than on the output projection).
         """
         common = dict(
@@ -216,9 +216,9 @@ class TransformerConfig:
         )
         if self.arch == "gpt_neox":
             if self.head_dim * self.num_heads != self.hidden_size or self.num_kv_heads != self.num_heads:
-                raise ConfigError("GPT-NeoX in transformers needs head_dim * num_heads == hidden_size and no GQA")
+                raise TransformerConfigError("GPT-NeoX in transformers needs head_dim * num_heads == hidden_size and no GQA")
             if not (self.qkv_bias == self.out_bias and self.mlp_bias):
-                raise ConfigError("GPT-NeoX in transformers has one attention_bias for q/k/v and dense and "
+                raise TransformerConfigError("GPT-NeoX in transformers has one attention_bias for q/k/v and dense and "
                                   "always has MLP biases")
             return dict(
                 common, architectures=["GPTNeoXForCausalLM"], model_type="gpt_neox",
@@ -229,7 +229,7 @@ class TransformerConfig:
                 attention_dropout=0.0, hidden_dropout=0.0,
             )
         if not self.qkv_bias or self.rotary_pct != 1.0 or self.head_dim * self.num_heads != self.hidden_size:
-            raise ConfigError("Qwen2 in transformers needs qkv_bias=True, rotary_pct=1 and head_dim * num_heads "
+            raise TransformerConfigError("Qwen2 in transformers needs qkv_bias=True, rotary_pct=1 and head_dim * num_heads "
                               "== hidden_size")
         return dict(
             common, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
