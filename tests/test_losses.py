@@ -99,15 +99,42 @@ TRL_0X_TYPES = [
 @FAST
 @given(seed=seeds, batch=batch_sizes, beta=betas, eps=smoothings, scale=scales, mean=st.floats(-2, 2))
 def test_matches_trl_0x(loss_type, seed, batch, beta, eps, scale, mean):
-    pc, pr, rc, rr, _, _ = _logps(seed, batch, scale)
+    pc, pr, rc, rr, lc, lr = _logps(seed, batch, scale)
+    # TRL 0.x divides by the unclamped length; an empty completion would be 0/0 there.
+    lc, lr = np.maximum(lc, 1), np.maximum(lr, 1)
     if loss_type == "exo_pair" and seed % 2:
         eps = 0.0  # exercises TRL 0.x's 1e-3 substitute
     extra = dict(bco_delta=mean) if loss_type == "bco_pair" else {}
     expected = trl.dpo_loss_trl_0x(
-        pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps, running_mean=mean
+        pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps, running_mean=mean,
+        chosen_completion_len=lc, rejected_completion_len=lr,
     )
-    got = preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps, **extra)
+    if loss_type == "ipo":
+        # The loss TRL 0.x trains with is ldjax's IPO with lengths; its logged rewards are
+        # those of the averaged log-probs, which ldjax gives when handed averages directly.
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            pc, pr, rc, rr, loss_type="ipo", beta=beta, chosen_lengths=lc, rejected_lengths=lr)
+        chex.assert_trees_all_close(
+            (np.asarray(losses), np.asarray(chosen_rewards) / lc, np.asarray(rejected_rewards) / lr),
+            expected, rtol=1e-11, atol=1e-12)
+        got = preference_loss(pc / lc, pr / lr, rc / lc, rr / lr, loss_type="ipo", beta=beta)
+    else:
+        got = preference_loss(pc, pr, rc, rr, loss_type=loss_type, beta=beta, label_smoothing=eps, **extra)
     chex.assert_trees_all_close(tuple(map(np.asarray, got)), expected, rtol=1e-11, atol=1e-12)
+
+
+def test_trl_ipo_is_length_normalised_in_both_versions():
+    # Same log-ratios, different lengths: TRL's IPO loss must see the lengths (it is not
+    # Azar et al.'s formula on summed log-probs), and 0.x and 1.x must agree on the loss.
+    pc, pr, rc, rr = (np.array([v, v]) for v in (-10.0, -14.0, -11.0, -12.0))
+    lc, lr = np.array([2, 5]), np.array([4, 1])
+    old, _, _ = trl.dpo_loss_trl_0x(pc, pr, rc, rr, loss_type="ipo", beta=0.5,
+                                     chosen_completion_len=lc, rejected_completion_len=lr)
+    new, _, _ = trl.dpo_loss_trl_1x(pc, pr, rc, rr, loss_type="ipo", beta=0.5,
+                                     chosen_completion_len=lc, rejected_completion_len=lr)
+    np.testing.assert_allclose(old, new, rtol=1e-14)
+    np.testing.assert_allclose(old, ((pc - rc) / lc - (pr - rr) / lr - 1.0) ** 2, rtol=1e-14)
+    assert old[0] != old[1]
 
 
 @FAST
@@ -124,7 +151,7 @@ def test_simpo_matches_trl_cpo(seed, batch, beta, eps, gamma):
         chex.assert_trees_all_close(tuple(map(np.asarray, got)), expected, rtol=1e-11, atol=1e-12)
 
 
-def test_ipo_without_lengths_is_unnormalised_and_lengths_change_it():
+def test_ipo_without_lengths_is_azar_formula_and_lengths_change_it():
     pc, pr, rc, rr = (np.array([v]) for v in (-10.0, -14.0, -11.0, -12.0))
     h = (pc - rc) - (pr - rr)
     plain, _, _ = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=0.5)
@@ -245,7 +272,10 @@ def test_sequence_logps_equals_a_loop_over_tokens_and_trl(seed):
                 per_token[b, t] = row[ids[b, t]] - np.log(np.sum(np.exp(row)))
                 expected[b] += per_token[b, t]
     np.testing.assert_allclose(sequence_logps(logits, ids, mask), expected, rtol=1e-12)
-    np.testing.assert_allclose(token_logps(logits, ids, mask), per_token, rtol=1e-12, atol=1e-15)
+    # A log-prob near 0 is the difference of two numbers of the logits' size, so both sides
+    # carry an absolute rounding error of a few ulps of max|logit| (hypothesis found 1.8e-15).
+    cancellation = 8 * np.finfo(np.float64).eps * np.abs(logits).max()
+    np.testing.assert_allclose(token_logps(logits, ids, mask), per_token, rtol=1e-12, atol=cancellation)
     labels = np.where(mask == 1, ids, -100)
     np.testing.assert_allclose(sequence_logps(logits, ids, mask), trl.batch_logps_trl(logits, labels), rtol=1e-12)
     lengths = mask[:, 1:].sum(-1)

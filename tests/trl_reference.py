@@ -10,7 +10,9 @@ shared helpers, no closed-form gradients, torch calls mapped one to one onto num
   ``self.beta * chosen_logratios``.
 * ``dpo_loss_trl_0x``: TRL 0.x (0.12-0.2x) ``trl/trainer/dpo_trainer.py``,
   ``DPOTrainer.dpo_loss`` (``self.loss_type`` branches; cDPO ``sigmoid`` with
-  ``label_smoothing``; ``bco_pair`` with ``self.running.mean``; ``aot_pair``).
+  ``label_smoothing``; ``bco_pair`` with ``self.running.mean``; ``aot_pair``), preceded for
+  ``ipo`` by what ``concatenated_forward`` does to the log-probs it returns for the policy
+  and the reference model alike: ``all_logps = all_logps / loss_mask.sum(-1)``.
 * ``cpo_loss_trl``: ``trl/trainer/cpo_trainer.py``, ``CPOTrainer.cpo_loss`` (simpo branch).
 * ``batch_logps_trl``: TRL 0.x ``DPOTrainer._get_batch_logps`` (labels with -100 padding).
 * ``grpo_loss_trl``: ``trl/trainer/grpo_trainer.py``, ``GRPOTrainer._compute_loss`` with
@@ -122,8 +124,19 @@ def dpo_loss_trl_0x(
     label_smoothing=0.0,
     running_mean=0.0,
     discopop_tau=0.05,
+    chosen_completion_len=None,
+    rejected_completion_len=None,
 ):
-    """Returns (losses, chosen_rewards, rejected_rewards) as TRL 0.x ``dpo_loss``."""
+    """Returns (losses, chosen_rewards, rejected_rewards) as TRL 0.x trains and logs them.
+
+    Inputs are summed log-probs; the completion lengths are required for ``ipo``.
+    """
+    if loss_type == "ipo":
+        # concatenated_forward, for the policy and (via compute_ref_log_probs) the reference.
+        chosen_logps = chosen_logps / chosen_completion_len
+        ref_chosen_logps = ref_chosen_logps / chosen_completion_len
+        rejected_logps = rejected_logps / rejected_completion_len
+        ref_rejected_logps = ref_rejected_logps / rejected_completion_len
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     logits = (chosen_logps - rejected_logps) - (ref_chosen_logps - ref_rejected_logps)

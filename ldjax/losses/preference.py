@@ -22,9 +22,14 @@ Sources (TRL, https://github.com/huggingface/trl):
   has no running reward mean; ``aot_pair`` is called ``aot_unpaired``; ``exo_pair`` uses
   ``ε = label_smoothing`` as is (infinite at 0).
 * TRL 0.x (0.12 to 0.2x) ``trl/trainer/dpo_trainer.py``, ``DPOTrainer.dpo_loss``:
-  ``sigmoid`` is conservative DPO (cDPO) with ``label_smoothing``; ``ipo`` unnormalised;
-  ``bco_pair`` subtracts a running mean ``δ`` of the rewards; ``exo_pair`` uses
-  ``ε = 1e-3`` when ``label_smoothing == 0``.
+  ``sigmoid`` is conservative DPO (cDPO) with ``label_smoothing``; ``bco_pair`` subtracts a
+  running mean ``δ`` of the rewards; ``exo_pair`` uses ``ε = 1e-3`` when
+  ``label_smoothing == 0``. ``ipo``: ``dpo_loss`` itself has no length, but
+  ``concatenated_forward`` divides the summed log-probs of policy *and* reference by the
+  completion length (``loss_mask.sum(-1)``, not clamped) when ``loss_type == "ipo"``, so
+  TRL 0.x trains IPO on the same length-normalised log-ratios as TRL 1.x; only its logged
+  rewards differ (``β r±/L±`` instead of ``β r±``). To reproduce TRL 0.x's IPO rewards,
+  pass length-averaged log-probs and no lengths.
 * TRL ``trl/trainer/cpo_trainer.py``, ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"``.
 
 What ldjax uses, per loss type (identical to TRL 1.x wherever TRL 1.x is defined and the
@@ -33,8 +38,10 @@ optional arguments are left at their defaults):
 ============  ==========================================================================
 sigmoid       ``−(1−ε) log σ(βd) − ε log σ(−βd)`` (cDPO, TRL 0.x; = TRL 1.x at ε = 0)
 hinge         ``max(0, 1 − βd)``  (SLiC / RSO)
-ipo           ``(d − 1/(2β))²``; with ``chosen_lengths``/``rejected_lengths`` the log-ratios
-              are divided by the lengths (clamped at 1) first: TRL 1.x
+ipo           ``(r⁺/L⁺ − r⁻/L⁻ − 1/(2β))²`` with ``chosen_lengths``/``rejected_lengths``
+              ``L±`` (clamped at 1): the loss TRL 0.x and 1.x train with. Without
+              lengths ``(d − 1/(2β))²`` on summed log-probs (Azar et al.'s formula as
+              written; neither TRL version uses it, pass lengths to match TRL)
 robust        ``[−(1−ε) log σ(βd) + ε log σ(−βd)] / (1 − 2ε)``  (ε < ½)
 exo_pair      ``q_w(log q_w − log(1−ε)) + q_l(log q_l − log ε)``, ``q_w = σ(βd)``,
               ``q_l = σ(−βd)``; ``ε = 1e-3`` when ``label_smoothing == 0`` (TRL 0.x)
@@ -397,7 +404,8 @@ def preference_loss(
       label_smoothing: ε for ``sigmoid`` (cDPO), ``robust``, ``exo_pair``, ``aot``,
         ``aot_pair``, ``simpo``; ignored by the others.
       chosen_lengths, rejected_lengths: optional (B,) response token counts; used by
-        ``ipo`` (length-normalised, TRL 1.x) and ``simpo``; ignored by the others.
+        ``ipo`` (length-normalised as TRL 0.x and 1.x train it) and ``simpo``; ignored
+        by the others.
       **kw: ``gamma``/``simpo_gamma`` (SimPO margin), ``discopop_tau``, ``bco_delta``.
 
     Returns:
