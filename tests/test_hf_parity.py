@@ -3,9 +3,9 @@
 Two legs:
 - golden (always): ``tests/golden/<name>/`` holds tiny random-weight checkpoints written by
   transformers and its logits (``tests/golden/make_golden.py``); ldjax must reproduce them to 1e-5.
-- live (when a python with torch + transformers exists: ``$LDJAX_TORCH_PYTHON``, else
-  ``/tmp/venv-torch/bin/python``, else this interpreter if it imports torch): fresh checkpoints
-  with another seed, and the save_pretrained -> transformers round trip.
+- live (only when ``$LDJAX_TORCH_PYTHON`` names a python with torch + transformers; skipped with
+  that reason otherwise): fresh checkpoints with another seed, and the save_pretrained ->
+  transformers round trip.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import warnings
 
 import jax
@@ -279,27 +278,25 @@ def test_missing_weights_and_broken_files_are_clear(tmp_path):
 
 
 def torch_python() -> str | None:
-    candidates = [os.environ.get("LDJAX_TORCH_PYTHON"), "/tmp/venv-torch/bin/python"]
-    for candidate in candidates:
-        if candidate and pathlib.Path(candidate).exists():
-            return candidate
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError:
-        return None
-    return sys.executable
+    """The interpreter named by ``$LDJAX_TORCH_PYTHON`` (the Makefile points it at the torch venv it builds).
+
+    Nothing else is probed: a test environment must say which torch it compares against.
+    """
+    candidate = os.environ.get("LDJAX_TORCH_PYTHON")
+    return candidate or None
 
 
 def run_torch(*args: str) -> None:
     python = torch_python()
+    assert pathlib.Path(python).is_file(), f"LDJAX_TORCH_PYTHON={python} is not a file"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     result = subprocess.run([python, str(MAKE_GOLDEN), *args], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-requires_torch = pytest.mark.skipif(torch_python() is None, reason="no python with torch + transformers "
-                                    "(set LDJAX_TORCH_PYTHON)")
+# Set but wrong is a broken test environment, not a reason to skip: run_torch then fails loudly.
+requires_torch = pytest.mark.skipif(torch_python() is None, reason="LDJAX_TORCH_PYTHON is not set (point it at a "
+                                    "python with torch + transformers, as the Makefile does)")
 
 
 def ldjax_written_models() -> dict[str, CausalLM]:
