@@ -205,12 +205,36 @@ def test_truncation_hand_computed_cases():
     # 4 + 5 > 7 even after the prompt cut: each response cut to 7 - 4 = 3 tokens.
     assert truncate(prompt, responses, max_length=7, max_prompt_length=4) == (
         [6, 7, 8, 9], [[100, 101, 102], [200, 201, 202]])
-    # A prompt already shorter than max_prompt_length is not cut; the responses are.
-    assert truncate([1, 2], [[5, 6, 7, 8]], max_length=4, max_prompt_length=3) == ([1, 2], [[5, 6]])
+    # A prompt already shorter than max_prompt_length is not cut; TRL cuts the responses to
+    # max_length - max_prompt_length = 4 - 3 = 1 token whatever the prompt's length ...
+    assert truncate([1, 2], [[5, 6, 7, 8]], max_length=4, max_prompt_length=3) == ([1, 2], [[5]])
+    # ... while "fill" uses the room the short prompt left: 4 - 2 = 2 tokens.
+    assert truncate([1, 2], [[5, 6, 7, 8]], max_length=4, max_prompt_length=3, response_truncation="fill") == (
+        [1, 2], [[5, 6]])
+    # Both responses are cut once the longer one overflows, even one that fits alone (TRL).
+    assert truncate([1, 2], [[5, 6, 7, 8], [9]], max_length=5, max_prompt_length=3) == ([1, 2], [[5, 6], [9]])
+    assert truncate([1, 2], [[5, 6, 7, 8], [9, 10, 11]], max_length=5, max_prompt_length=3) == (
+        [1, 2], [[5, 6], [9, 10]])
     with pytest.raises(TokenizationError, match="max_prompt_length"):
         truncate(prompt, responses, max_length=4, max_prompt_length=4)
     with pytest.raises(TokenizationError, match="truncation_mode"):
         truncate(prompt, responses, max_length=8, max_prompt_length=4, truncation_mode="middle")
+    with pytest.raises(TokenizationError, match="response_truncation"):
+        truncate(prompt, responses, max_length=8, max_prompt_length=4, response_truncation="tight")
+
+
+def _tokenize_row_truncation(prompt, chosen, rejected, *, max_length, max_prompt_length, truncation_mode):
+    """TRL 0.9-0.12 ``DPOTrainer.tokenize_row``'s two truncation steps, transcribed as written."""
+    longer_response_length = max(len(chosen), len(rejected))
+    if len(prompt) + longer_response_length > max_length:
+        if truncation_mode == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        elif truncation_mode == "keep_end":
+            prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longer_response_length > max_length:
+        chosen = chosen[: max_length - max_prompt_length]
+        rejected = rejected[: max_length - max_prompt_length]
+    return prompt, [chosen, rejected]
 
 
 @settings(max_examples=60, deadline=None)
@@ -235,6 +259,16 @@ def test_truncation_invariants(prompt_len, chosen_len, rejected_len, max_length,
         assert new_prompt == prompt and [chosen, rejected] == responses
     elif prompt_len > max_prompt_length:
         assert len(new_prompt) == max_prompt_length
+    # The default is exactly TRL's rule; "fill" differs from it only in the response budget.
+    assert (new_prompt, [chosen, rejected]) == _tokenize_row_truncation(
+        prompt, *responses, max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=mode)
+    fill_prompt, fill = truncate(prompt, responses, max_length=max_length, max_prompt_length=max_prompt_length,
+                                 truncation_mode=mode, response_truncation="fill")
+    assert fill_prompt == new_prompt
+    for kept, longer, original in zip([chosen, rejected], fill, responses):
+        assert kept == longer[: len(kept)]
+        assert len(new_prompt) + len(longer) <= max_length
+        assert len(longer) == min(len(original), max_length - len(new_prompt))
 
 
 # ------------------------------------------------------------------------ token arrays
@@ -277,6 +311,14 @@ def test_tokenize_applies_trl_truncation_with_eos_counted():
     # BOS survives a keep_end cut of the prompt.
     bos = tokenize_preference([example], tokenizer, max_length=6, max_prompt_length=3, bos_id=BOS)
     np.testing.assert_array_equal(bos["chosen_input_ids"][0], [BOS, wid(4), wid(5), wid(20), wid(21), wid(22)])
+    # A short prompt: TRL still cuts the responses to 6 - 3 = 3 tokens; "fill" to 6 - 1 = 5.
+    short = PreferenceExample(text(9), text(*range(20, 26)), text(30))
+    out = tokenize_preference([short], tokenizer, max_length=6, max_prompt_length=3)
+    np.testing.assert_array_equal(out["chosen_input_ids"][0], [wid(9), wid(20), wid(21), wid(22)])
+    np.testing.assert_array_equal(out["rejected_input_ids"][0], [wid(9), wid(30), EOS, PAD])
+    fill = tokenize_sft([short], tokenizer, max_length=6, max_prompt_length=3, response_truncation="fill")
+    np.testing.assert_array_equal(fill["input_ids"][0], [wid(9), wid(20), wid(21), wid(22), wid(23), wid(24)])
+    np.testing.assert_array_equal(fill["loss_mask"][0], [0, 1, 1, 1, 1, 1])
 
 
 def test_tokenize_sft_plain_keys_and_empty_prompt_rules():

@@ -5,16 +5,23 @@ tokens; ``loss_mask[b, t]`` is 1 exactly where ``input_ids[b, t]`` is a response
 (the appended EOS included), so logits row ``t - 1`` is scored against it; position 0 is
 never scored because every sequence starts with at least one prompt token.
 
-Truncation follows the DPO recipe of TRL's ``DPOTrainer.tokenize_row`` (before 0.13):
-prompt and both responses are tokenised separately (EOS appended to each response); if
-``prompt + longer response`` exceeds ``max_length``, the prompt is cut to
+Truncation follows TRL's ``DPOTrainer.tokenize_row`` (0.9 to 0.12, before the 0.13
+rewrite): prompt and both responses are tokenised separately (EOS appended to each
+response); if ``prompt + longer response`` exceeds ``max_length``, the prompt is cut to
 ``max_prompt_length`` tokens (``"keep_end"`` keeps its last tokens, ``"keep_start"`` its
-first); if still too long, each response is cut to ``max_length - len(prompt)`` tokens
-(keeping its start, so a cut response loses its EOS). Both sides share the prompt
-truncation, so a pair stays a pair. Since ``max_prompt_length < max_length``, truncation always
-leaves a response at least one token; a response with no token at all (an empty text without
-EOS) cannot be scored: it raises, or with ``on_empty="drop"`` the example is dropped and the
-count and indices are logged.
+first); if ``prompt + longer response`` still exceeds ``max_length``, *both* responses are
+cut to ``max_length - max_prompt_length`` tokens (keeping their start, so a cut response
+loses its EOS). That is ``response_truncation="trl"``, the default. Note that TRL's cut does
+not depend on the prompt's actual length: a prompt shorter than ``max_prompt_length`` leaves
+room unused. ``response_truncation="fill"`` instead cuts the responses to
+``max_length - len(prompt)`` tokens, filling ``max_length`` exactly (not TRL's behaviour).
+Both sides share the prompt truncation, so a pair stays a pair. Since
+``max_prompt_length < max_length``, truncation always leaves a response at least one token;
+a response with no token at all (an empty text without EOS) cannot be scored: it raises, or
+with ``on_empty="drop"`` the example is dropped and the count and indices are logged.
+
+Unlike TRL, an added BOS token is never cut: the prompt body is truncated within one token
+less (the response budget is the same either way).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ EOS_CANDIDATES = ("<eos>", "</s>", "<|endoftext|>", "<|im_end|>")
 PAD_CANDIDATES = ("<pad>", "[PAD]", "<|padding|>")
 
 TruncationMode = Literal["keep_end", "keep_start"]
+ResponseTruncation = Literal["trl", "fill"]
 
 
 class TokenizationError(ValueError):
@@ -67,9 +75,13 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-def _check_lengths(max_length: int, max_prompt_length: int, truncation_mode: str) -> None:
+def _check_lengths(
+    max_length: int, max_prompt_length: int, truncation_mode: str, response_truncation: str = "trl"
+) -> None:
     if truncation_mode not in ("keep_end", "keep_start"):
         raise TokenizationError(f"truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+    if response_truncation not in ("trl", "fill"):
+        raise TokenizationError(f"response_truncation must be 'trl' or 'fill', got {response_truncation!r}")
     if not 0 < max_prompt_length < max_length:
         raise TokenizationError(
             f"need 0 < max_prompt_length < max_length, got max_prompt_length={max_prompt_length}, "
@@ -84,20 +96,30 @@ def truncate(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: TruncationMode = "keep_end",
+    response_truncation: ResponseTruncation = "trl",
 ) -> tuple[list[int], list[list[int]]]:
-    """TRL-style truncation of one prompt shared by one or more responses (token id lists).
+    """Truncation of one prompt shared by one or more responses (token id lists).
+
+    Args:
+      prompt, responses: token ids (EOS already appended to the responses).
+      max_length, max_prompt_length, truncation_mode: as TRL's ``DPOConfig``.
+      response_truncation: ``"trl"`` cuts over-long responses to
+        ``max_length - max_prompt_length`` tokens (TRL's ``tokenize_row``); ``"fill"`` to
+        ``max_length - len(prompt)`` (see the module docstring).
 
     Returns:
       ``(prompt, responses)`` with ``len(prompt) + len(r) <= max_length`` for every response.
     """
-    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    _check_lengths(max_length, max_prompt_length, truncation_mode, response_truncation)
     prompt = list(prompt)
     responses = [list(r) for r in responses]
     longest = max(len(r) for r in responses)
-    if len(prompt) + longest > max_length and len(prompt) > max_prompt_length:
+    if len(prompt) + longest > max_length:
         prompt = prompt[-max_prompt_length:] if truncation_mode == "keep_end" else prompt[:max_prompt_length]
-    budget = max_length - len(prompt)
-    return prompt, [r[:budget] for r in responses]
+    if len(prompt) + longest > max_length:
+        budget = max_length - max_prompt_length if response_truncation == "trl" else max_length - len(prompt)
+        responses = [r[:budget] for r in responses]
+    return prompt, responses
 
 
 def _encode_example(
@@ -126,6 +148,7 @@ def _encode_example(
     body, cut = truncate(
         prompt_ids[1:], response_ids, max_length=lengths["max_length"] - 1,
         max_prompt_length=lengths["max_prompt_length"] - 1, truncation_mode=lengths["truncation_mode"],
+        response_truncation=lengths["response_truncation"],
     )
     return [bos_id] + body, cut
 
@@ -150,6 +173,7 @@ def _tokenize(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: TruncationMode,
+    response_truncation: ResponseTruncation,
     add_eos: bool,
     eos_id: int | None,
     bos_id: int | None,
@@ -158,14 +182,15 @@ def _tokenize(
     pad_to_max_length: bool,
     on_empty: str,
 ) -> list[dict[str, np.ndarray]]:
-    _check_lengths(max_length, max_prompt_length, truncation_mode)
+    _check_lengths(max_length, max_prompt_length, truncation_mode, response_truncation)
     if on_empty not in ("raise", "drop"):
         raise TokenizationError(f"on_empty must be 'raise' or 'drop', got {on_empty!r}")
     eos = special_token_id(tokenizer, eos_id, EOS_CANDIDATES, "eos_id") if add_eos else None
     pad = special_token_id(tokenizer, pad_id, PAD_CANDIDATES + EOS_CANDIDATES, "pad_id")
     if vocab_size is not None and not 0 <= pad < vocab_size:
         raise TokenizationError(f"pad_id {pad} is outside the model vocabulary [0, {vocab_size})")
-    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode)
+    lengths = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
+                   response_truncation=response_truncation)
     kept, dropped = [], []
     for index, (prompt, responses) in enumerate(prompts_and_responses):
         prompt_ids, response_ids = _encode_example(
@@ -201,6 +226,7 @@ def tokenize_preference(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: TruncationMode = "keep_end",
+    response_truncation: ResponseTruncation = "trl",
     add_eos: bool = True,
     eos_id: int | None = None,
     bos_id: int | None = None,
@@ -217,6 +243,8 @@ def tokenize_preference(
       max_length: longest prompt + response in tokens.
       max_prompt_length: the prompt's length after truncation (see the module docstring).
       truncation_mode: ``"keep_end"`` (keep the end of a long prompt) or ``"keep_start"``.
+      response_truncation: ``"trl"`` (TRL's cut to ``max_length - max_prompt_length``) or
+        ``"fill"`` (cut to ``max_length - len(prompt)``).
       add_eos: append ``eos_id`` to each response (it is then scored).
       eos_id, pad_id: default to the tokenizer's ``<eos>`` / ``<pad>``-like tokens (pad falls
         back to EOS, which is safe because padding is masked everywhere).
@@ -235,8 +263,8 @@ def tokenize_preference(
     sides = _tokenize(
         [(e.prompt, (e.chosen, e.rejected)) for e in examples], tokenizer,
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-        add_eos=add_eos, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id, vocab_size=vocab_size,
-        pad_to_max_length=pad_to_max_length, on_empty=on_empty,
+        response_truncation=response_truncation, add_eos=add_eos, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+        vocab_size=vocab_size, pad_to_max_length=pad_to_max_length, on_empty=on_empty,
     )
     return {f"{side}_{key}": arrays[key] for side, arrays in zip(("chosen", "rejected"), sides) for key in SFT_KEYS}
 
@@ -248,6 +276,7 @@ def tokenize_sft(
     max_length: int,
     max_prompt_length: int,
     truncation_mode: TruncationMode = "keep_end",
+    response_truncation: ResponseTruncation = "trl",
     add_eos: bool = True,
     eos_id: int | None = None,
     bos_id: int | None = None,
@@ -265,8 +294,8 @@ def tokenize_sft(
     (arrays,) = _tokenize(
         pairs, tokenizer,
         max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-        add_eos=add_eos, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id, vocab_size=vocab_size,
-        pad_to_max_length=pad_to_max_length, on_empty=on_empty,
+        response_truncation=response_truncation, add_eos=add_eos, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+        vocab_size=vocab_size, pad_to_max_length=pad_to_max_length, on_empty=on_empty,
     )
     return arrays
 
