@@ -70,29 +70,79 @@ def test_paper_preset():
     assert DPOConfig().beta == 0.1
 
 
-def test_rmsprop_with_clipping_matches_pytorch_recipe_by_hand():
-    """optax chain vs a NumPy transcription of torch.optim.RMSprop (alpha, eps outside sqrt) after clipping."""
-    cfg = OptimizerConfig(optimizer="rmsprop", learning_rate=0.01, warmup_steps=3, clip_norm=1.5)
-    opt = optim.build_optimizer(cfg)
-    rng = np.random.default_rng(1)
-    params = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=(4,))}
-    state = opt.init(params)
-    p_ref = {k: v.copy() for k, v in params.items()}
+def torch_rmsprop_by_hand(params, grads_per_step, *, lrs, momentum, clip, alpha=0.99, eps=1e-8):
+    """NumPy transcription of torch.optim.RMSprop.step (not centred) after clip_grad_norm_, with a per-step lr."""
+    p = {k: v.copy() for k, v in params.items()}
     v = {k: np.zeros_like(x) for k, x in params.items()}
-    for t in range(6):
-        g = {k: rng.normal(size=x.shape) * 3 for k, x in params.items()}
+    buf = {k: np.zeros_like(x) for k, x in params.items()}
+    for g, lr in zip(grads_per_step, lrs):
         norm = np.sqrt(sum((x ** 2).sum() for x in g.values()))
-        g_clipped = {k: x * min(1.0, 1.5 / norm) for k, x in g.items()}
-        lr = 0.01 * min(1.0, (t + 1) / 4)
-        for k in p_ref:
-            v[k] = 0.99 * v[k] + 0.01 * g_clipped[k] ** 2
-            p_ref[k] = p_ref[k] - lr * g_clipped[k] / (np.sqrt(v[k]) + 1e-8)
+        g = {k: x * min(1.0, clip / norm) for k, x in g.items()}
+        for k in p:
+            v[k] = alpha * v[k] + (1 - alpha) * g[k] ** 2
+            avg = np.sqrt(v[k]) + eps
+            if momentum > 0:
+                buf[k] = momentum * buf[k] + g[k] / avg
+                p[k] = p[k] - lr * buf[k]  # torch: the current lr multiplies the whole buffer
+            else:
+                p[k] = p[k] - lr * g[k] / avg
+    return p
+
+
+def run_optax(opt, params, grads_per_step):
+    state = opt.init(params)
+    for g in grads_per_step:
         updates, state = opt.update(g, state, params)
         params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_rmsprop_with_warmup_and_clipping_matches_pytorch_by_hand(momentum):
+    """build_optimizer('rmsprop') vs the NumPy transcription of torch's RMSprop, warm-up schedule and clipping."""
+    cfg = OptimizerConfig(optimizer="rmsprop", learning_rate=0.01, warmup_steps=3, clip_norm=1.5, momentum=momentum)
+    rng = np.random.default_rng(1)
+    params = {"a": rng.normal(size=(3, 2)), "b": rng.normal(size=(4,))}
+    grads = [{k: rng.normal(size=x.shape) * 3 for k, x in params.items()} for _ in range(6)]
+    lrs = [0.01 * min(1.0, (t + 1) / 4) for t in range(6)]
+    expected = torch_rmsprop_by_hand(params, grads, lrs=lrs, momentum=momentum, clip=1.5)
+    got = run_optax(optim.build_optimizer(cfg), params, grads)
     # The schedule runs in float32 (int32 step count), so lr carries ~1e-7 relative rounding;
-    # a wrong decay, eps placement or clip would show at 1e-3 or more.
-    for k in p_ref:
-        np.testing.assert_allclose(np.asarray(params[k]), p_ref[k], rtol=1e-6, atol=1e-9)
+    # a wrong decay, eps placement, clip or lr/momentum order shows at 1e-3 or more (below).
+    for k in expected:
+        np.testing.assert_allclose(np.asarray(got[k]), expected[k], rtol=1e-6, atol=1e-9)
+    if momentum:
+        # optax.rmsprop applies the lr before its momentum trace: under a warm-up it is not torch's.
+        lagging = optax.chain(optax.clip_by_global_norm(1.5), optax.rmsprop(
+            optim.learning_rate_schedule(cfg), decay=0.99, eps=1e-8, eps_in_sqrt=False, momentum=momentum))
+        other = run_optax(lagging, params, grads)
+        assert max(np.abs(np.asarray(other[k]) - expected[k]).max() for k in expected) > 1e-3
+
+
+def test_help_of_label_smoothing_names_exactly_the_losses_that_use_it():
+    import dataclasses
+    import re
+    from ldjax import losses as losses_lib
+    text = {f.name: f.metadata["help"] for f in dataclasses.fields(DPOConfig)}["label_smoothing"]
+    rng = np.random.default_rng(0)
+    logps = [rng.normal(size=4) * 3 - 10 for _ in range(4)]
+    lengths = dict(chosen_lengths=np.array([3.0, 4, 5, 6]), rejected_lengths=np.array([4.0, 2, 7, 5]))
+    uses = set()
+    for loss_type in losses_lib.LOSS_TYPES:
+        a, b = (np.asarray(losses_lib.preference_loss(*logps, loss_type=loss_type, beta=0.3, label_smoothing=eps,
+                                                      **lengths)[0]) for eps in (0.1, 0.2))
+        if not np.allclose(a, b):
+            uses.add(loss_type)
+    named = {t for t in losses_lib.LOSS_TYPES if re.search(rf"\b{t}\b", text)}
+    assert named == uses
+
+
+def test_help_of_warmup_matches_the_schedule():
+    import dataclasses
+    text = {f.name: f.metadata["help"] for f in dataclasses.fields(OptimizerConfig)}["warmup_steps"]
+    assert "peak*(s+1)/(W+1)" in text
+    sched = optim.learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=4))
+    np.testing.assert_allclose([float(sched(s)) for s in range(6)], [0.2, 0.4, 0.6, 0.8, 1.0, 1.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])

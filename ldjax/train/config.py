@@ -31,7 +31,7 @@ class OptimizerConfig:
 
     optimizer: str = field(default="adamw", metadata={"help": f"one of {OPTIMIZERS}"})
     learning_rate: float = field(default=1e-4, metadata={"help": "peak learning rate (after warm-up)"})
-    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up from 0 over this many optimizer steps"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warm-up over this many optimizer steps: step s < W uses peak*(s+1)/(W+1), so the first step already moves (the paper's DPO code); 0 = none"})
     schedule: str = field(default="constant", metadata={"help": f"after warm-up: one of {SCHEDULES} (decay to 0 at num_steps)"})
     clip_norm: float = field(default=0.0, metadata={"help": "clip gradients to this global norm (0 = off)"})
     weight_decay: float = field(default=0.0, metadata={"help": "decoupled weight decay (adamw only)"})
@@ -39,7 +39,7 @@ class OptimizerConfig:
     b2: float = field(default=0.999, metadata={"help": "Adam second-moment decay"})
     eps: float = field(default=1e-8, metadata={"help": "Adam/RMSprop epsilon"})
     rmsprop_decay: float = field(default=0.99, metadata={"help": "RMSprop squared-gradient decay (PyTorch's alpha)"})
-    momentum: float = field(default=0.0, metadata={"help": "SGD/RMSprop momentum (0 = none)"})
+    momentum: float = field(default=0.0, metadata={"help": "SGD/RMSprop momentum (0 = none); as in PyTorch, the learning rate multiplies the momentum buffer"})
     accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step (batch_size must divide)"})
 
     def __post_init__(self) -> None:
@@ -126,9 +126,9 @@ class DPOConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
 
     loss_type: str = field(default="sigmoid", metadata={"help": "any loss_type of ldjax.losses.preference_loss"})
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing (robust / exo_pair)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing eps: sigmoid (cDPO), robust, exo_pair, aot, aot_pair, aot_unpaired and simpo use it; the other loss types ignore it"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma"})
-    on_policy: str = field(default="off", metadata={"help": "off | rejected (sample y- from the current policy) | both (SPIN-like: y+ from data, y- sampled; 'both' also resamples y+)"})
+    on_policy: str = field(default="off", metadata={"help": "off (both responses from the data) | rejected (y+ from the data, y- sampled from the current policy: on-policy DPO / SPIN) | both (y+ and y- both sampled from the current policy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for on-policy responses"})
     top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0 = all)"})
     max_new_tokens: int = field(default=24, metadata={"help": "fixed length of sampled responses"})

@@ -12,7 +12,10 @@ from ldjax.train.config import ConfigError, OptimizerConfig
 
 
 def learning_rate_schedule(config: OptimizerConfig, num_steps: int | None = None) -> optax.Schedule:
-    """Linear warm-up from 0 to ``config.learning_rate`` over ``warmup_steps``, then the schedule.
+    """Linear warm-up to ``config.learning_rate`` over ``warmup_steps``, then the schedule.
+
+    Warm-up step ``s < W`` uses ``peak * (s + 1) / (W + 1)``: it starts at ``peak / (W + 1)``,
+    not at 0, as ``LambdaLR(min(1, (s + 1) / (W + 1)))`` in the DPO code the paper builds on.
 
     Args:
       config: the optimizer fields.
@@ -40,12 +43,34 @@ def learning_rate_schedule(config: OptimizerConfig, num_steps: int | None = None
     return optax.join_schedules([optax.linear_schedule(peak / (warm + 1), peak, warm), after], [warm])
 
 
+def torch_rmsprop(learning_rate: optax.ScalarOrSchedule, *, decay: float = 0.99, eps: float = 1e-8,
+                  momentum: float = 0.0) -> optax.GradientTransformation:
+    """``torch.optim.RMSprop`` (not centred, no weight decay) as an optax chain.
+
+    PyTorch: ``v ← αv + (1−α)g²``, ``b ← μb + g / (√v + ε)``, ``θ ← θ − η_t b`` (without momentum
+    ``θ ← θ − η_t g / (√v + ε)``); ``v`` and ``b`` start at 0, no bias correction, ``ε`` outside
+    the square root. ``optax.rmsprop`` scales by the learning rate *before* its momentum trace,
+    so its buffer holds ``Σ μ^k η_{t−k} …`` — the same as PyTorch's for a constant rate, not
+    under a warm-up or decay. Here the trace comes first and the current rate multiplies it.
+
+    Args:
+      learning_rate: a float or an optax schedule ``step -> η``.
+      decay: PyTorch's ``alpha``.
+      eps: added to ``√v``.
+      momentum: PyTorch's ``momentum`` (0 = none).
+    """
+    return optax.chain(
+        optax.scale_by_rms(decay=decay, eps=eps, initial_scale=0.0, eps_in_sqrt=False, bias_correction=False),
+        optax.trace(decay=momentum) if momentum else optax.identity(),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
 def build_optimizer(config: OptimizerConfig, num_steps: int | None = None) -> optax.GradientTransformation:
     """The optax chain ``clip_by_global_norm -> optimizer(schedule)`` described by ``config``.
 
-    RMSprop follows PyTorch's ``torch.optim.RMSprop`` (the paper's code): squared-gradient decay
-    ``rmsprop_decay`` (PyTorch's ``alpha``, 0.99), ``eps`` added outside the square root, no bias
-    correction, state initialised to 0.
+    RMSprop is :func:`torch_rmsprop` (PyTorch's ``torch.optim.RMSprop``, the paper's code); SGD's
+    momentum is PyTorch's too (``optax.sgd`` already scales its trace by the learning rate).
     """
     lr = learning_rate_schedule(config, num_steps)
     momentum = config.momentum or None
@@ -56,7 +81,7 @@ def build_optimizer(config: OptimizerConfig, num_steps: int | None = None) -> op
     elif config.optimizer == "adamw":
         opt = optax.adamw(lr, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
     elif config.optimizer == "rmsprop":
-        opt = optax.rmsprop(lr, decay=config.rmsprop_decay, eps=config.eps, eps_in_sqrt=False, momentum=momentum)
+        opt = torch_rmsprop(lr, decay=config.rmsprop_decay, eps=config.eps, momentum=config.momentum)
     else:  # OptimizerConfig validates, but a hand-built object may not have.
         raise ConfigError(f"optimizer: unknown {config.optimizer!r}")
     if config.clip_norm > 0:
