@@ -1,8 +1,9 @@
 """The neural-tangents oracle leg (run in .venv-oracle: jax 0.5.3 + neural-tangents 0.6.5).
 
 neural-tangents 0.6.5 imports TensorFlow from its ``experimental`` subpackage; an empty module
-registered under that name first keeps TensorFlow out (SPEC §4). If neural-tangents still cannot
-import, the whole leg is skipped with the reason printed, never silently.
+registered under that name first keeps TensorFlow out (SPEC §4). The leg is a must-show of
+the eNTK issue, so a neural-tangents that still cannot import is an error that fails the run,
+never a skip.
 """
 import sys
 import types
@@ -16,9 +17,10 @@ sys.modules.setdefault(_NAME, types.ModuleType(_NAME, "empty stand-in: keeps Ten
 
 try:
     import neural_tangents  # noqa: F401
-
-    NEURAL_TANGENTS_ERROR = None
-except Exception as e:  # noqa: BLE001 - any import failure makes the oracle unavailable
-    NEURAL_TANGENTS_ERROR = f"{type(e).__name__}: {e}"
-    sys.stderr.write(f"\n*** neural-tangents does not import (jax {jax.__version__}): "
-                     f"{NEURAL_TANGENTS_ERROR}; the oracle leg is SKIPPED ***\n")
+except Exception as e:  # noqa: BLE001 - whatever breaks the import, say what and where
+    raise ImportError(
+        f"the oracle leg needs neural-tangents, which does not import here "
+        f"(python {sys.executable}, jax {jax.__version__}): {type(e).__name__}: {e}. "
+        f"Build the oracle environment with `make oracle-venv` (jax 0.5.3, neural-tangents "
+        f"0.6.5 --no-deps, tests/oracle/requirements.txt) and run this leg with its python."
+    ) from e
