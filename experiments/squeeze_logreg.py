@@ -164,7 +164,7 @@ def panels(config: Config) -> list[tuple]:
          lambda p: [(rank(p, 10), -a), (rank(p, -1), a)]),
         ("dpo_like_neg_heavy", f"as dpo_like with α⁻ = {heavy:g} α⁺", "peaky", v, d,
          lambda p: [(rank(p, 10), -a / heavy), (rank(p, -1), a)]),
-        ("large_negative_valley", "V=1000, d=50: push-down on a valley class", "peaky",
+        ("large_negative_valley", f"V={config.large_num_classes}, d={config.large_dim}: push-down on a valley class", "peaky",
          config.large_num_classes, config.large_dim, lambda p: [(rank(p, -1), a)]),
     ]
 

