@@ -1,5 +1,4 @@
 """Tests for ldjax.dynamics: every term against autodiff, explicit vs implicit, and the O(η²) gap."""
-import importlib.util
 
 import chex
 import jax
@@ -12,8 +11,6 @@ from hypothesis.extra import numpy as hnp
 
 from ldjax import dynamics
 
-HAS_NTK = importlib.util.find_spec("ldjax.ntk") is not None
-needs_ntk = pytest.mark.skipif(not HAS_NTK, reason="ldjax.ntk not there yet")
 
 logit_vectors = st.integers(2, 12).flatmap(
     lambda v: hnp.arrays(np.float64, (v,), elements=st.floats(-20, 20, allow_nan=False)))
@@ -102,7 +99,6 @@ def test_implicit_prediction_equals_jacrev_reference(setup, reduction):
     chex.assert_trees_all_close(got, expected, atol=1e-12, rtol=1e-10)
 
 
-@needs_ntk
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_decompose_terms_and_explicit_equals_implicit(setup, reduction):
     params, x_obs, x_upd, y_upd = setup
@@ -115,7 +111,6 @@ def test_decompose_terms_and_explicit_equals_implicit(setup, reduction):
     np.testing.assert_allclose(dec.predicted, implicit, atol=1e-10, rtol=0)
 
 
-@needs_ntk
 def test_linear_softmax_kernel_is_closed_form():
     """z = x W + b  ⇒  K(x_o, x_u) = (x_o·x_u + 1) I."""
     kw, kb, ko, ku = jax.random.split(jax.random.PRNGKey(3), 4)
