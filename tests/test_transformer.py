@@ -312,3 +312,31 @@ def test_bad_inputs_are_clear_errors():
         model(jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match=r"attention_mask shape \(2, 4\) != input_ids shape \(2, 3\)"):
         model(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4), jnp.int32))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_when_concrete():
+    model = tiny_model("qwen2")
+    v = model.config.vocab_size
+    ids = np.zeros((2, 5), np.int32)
+    ids[1, 3] = v  # one past the end: jnp.take would give a NaN embedding row
+    with pytest.raises(ValueError, match=rf"input_ids\[1, 3\] = {v} is outside the vocabulary \[0, {v}\) \(1 such"):
+        model(ids)
+    ids[1, 3] = -1
+    with pytest.raises(ValueError, match=r"input_ids\[1, 3\] = -1 is outside"):
+        model(jnp.asarray(ids))
+    ids[1, 3] = v - 1  # the last valid id is fine, and so is the same call under jit
+    eager = model(ids)
+    jitted = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids))
+    assert np.isfinite(np.asarray(eager)).all()
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-5, atol=1e-6)
+
+
+def test_sequence_longer_than_max_positions_is_refused_even_under_jit():
+    cfg = TransformerConfig.tiny("gpt_neox", vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                                 intermediate_size=32, max_position_embeddings=6)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    assert model(jnp.zeros((1, 6), jnp.int32)).shape == (1, 6, 32)  # exactly the limit is fine
+    with pytest.raises(ValueError, match="T=7 exceeds the model's max_position_embeddings=6"):
+        model(jnp.zeros((1, 7), jnp.int32))
+    with pytest.raises(ValueError, match="T=7 exceeds"):  # T is static, so jit cannot hide it
+        nnx.jit(lambda m, x: m(x))(model, jnp.zeros((1, 7), jnp.int32))

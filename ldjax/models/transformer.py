@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 ARCHITECTURES = ("gpt_neox", "qwen2")
@@ -295,6 +296,20 @@ def attention_mask_4d(attention_mask: jax.Array | None, batch: int, length: int)
     return causal[None, None] & keys
 
 
+def check_token_ids(input_ids: Any, vocab_size: int) -> None:
+    """Raises ``ValueError`` naming the first id outside ``[0, vocab_size)`` and where it is.
+
+    Needs concrete values (a NumPy or committed JAX array, not a tracer): ``jnp.take`` inside the
+    embedding would otherwise fill out-of-range rows with NaN without a word.
+    """
+    ids = np.asarray(jax.device_get(input_ids))
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"CausalLM: input_ids{list(where)} = {int(ids[where])} is outside the vocabulary "
+                         f"[0, {vocab_size}) ({int(bad.sum())} such ids)")
+
+
 # --------------------------------------------------------------------------------------------
 # Modules
 
@@ -419,6 +434,14 @@ class CausalLM(nnx.Module):
 
         Logits are float32 (float64 when the model computes in float64). Padded positions get
         finite logits that are meaningless; real positions never depend on them.
+
+        Raises:
+          ValueError: ``input_ids`` not an integer (B, T) array, a mask of another shape,
+            ``T > config.max_position_embeddings``, or (only when ``input_ids`` is a concrete
+            array, not a tracer) a token id outside ``[0, vocab_size)``. Under ``jit`` the ids
+            are abstract and cannot be checked here; an out-of-range id would silently give
+            NaN logits, so the data pipeline checks them (``ldjax.data.tokenize`` functions
+            take ``vocab_size``).
         """
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"CausalLM: input_ids must be an integer array (B, T), got {input_ids.dtype} "
@@ -426,6 +449,11 @@ class CausalLM(nnx.Module):
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"CausalLM: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"CausalLM: sequence length T={input_ids.shape[1]} exceeds the model's "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_token_ids(input_ids, self.config.vocab_size)
         b, t = input_ids.shape
         cos, sin = rotary_cos_sin(jnp.arange(t), self.config.rotary_dim, self.config.rope_theta)
         mask = attention_mask_4d(attention_mask, b, t)
