@@ -25,7 +25,7 @@ from flax import nnx
 from ldjax.config import parse_config, to_dict
 from ldjax.train import objectives, optim, sampling, sharding, steps
 from ldjax.train.checkpoint import RunCheckpointer
-from ldjax.train.config import DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig
+from ldjax.train.config import ConfigError, DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig
 from ldjax.train.loop import train
 
 COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
@@ -63,18 +63,51 @@ def load_examples(config: DataConfig, tokenizer=None):
     return train_set, test_set, texts, tokenizer
 
 
-def _special(tokenizer, *names: str) -> int | None:
-    for name in names:
-        token_id = tokenizer.token_to_id(name)
-        if token_id is not None:
-            return token_id
-    return None
+# A BOS is optional (without one the prompt's first token starts the sequence), so unlike EOS
+# and PAD its absence is not an error.
+BOS_CANDIDATES = ("<bos>", "<s>", "<|endoftext|>")
+
+
+def special_ids(tokenizer) -> dict[str, int | None]:
+    """``{bos_id, eos_id, pad_id}`` resolved as :mod:`ldjax.data.tokenize` resolves them.
+
+    EOS is the first of ``EOS_CANDIDATES`` the tokenizer knows; PAD the first of
+    ``PAD_CANDIDATES``, falling back to EOS (padding is masked everywhere); BOS the first of
+    :data:`BOS_CANDIDATES`, or None. The same ids go to tokenisation and to on-policy sampling.
+
+    Raises:
+      TokenizationError: the tokenizer has no EOS-like token.
+    """
+    from ldjax.data.tokenize import EOS_CANDIDATES, PAD_CANDIDATES, TokenizationError, special_token_id
+    eos = special_token_id(tokenizer, None, EOS_CANDIDATES, "eos_id")
+    pad = special_token_id(tokenizer, None, PAD_CANDIDATES + EOS_CANDIDATES, "pad_id")
+    try:
+        bos = special_token_id(tokenizer, None, BOS_CANDIDATES, "bos_id")
+    except TokenizationError:
+        bos = None
+    return {"bos_id": bos, "eos_id": eos, "pad_id": pad}
 
 
 def _token_kwargs(config: DataConfig, tokenizer, vocab_size: int) -> dict[str, Any]:
-    return dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length,
-                bos_id=_special(tokenizer, "<bos>", "<s>", "<|endoftext|>"), vocab_size=vocab_size,
-                pad_to_max_length=True)
+    return dict(max_length=config.max_length, max_prompt_length=config.max_prompt_length, vocab_size=vocab_size,
+                pad_to_max_length=True, **special_ids(tokenizer))
+
+
+def check_lengths(config: DataConfig, model_config) -> None:
+    """Refuses sequences longer than the model's positions, before any training.
+
+    Every batch is padded to ``max_length``; on-policy sampling appends ``max_new_tokens``.
+
+    Raises:
+      ConfigError: naming the fields and the model's ``max_position_embeddings``.
+    """
+    limit = model_config.max_position_embeddings
+    sampled = getattr(config, "on_policy", "off") != "off"
+    total = config.max_length + (config.max_new_tokens if sampled else 0)
+    if total > limit:
+        what = (f"max_length={config.max_length} + max_new_tokens={config.max_new_tokens} (on-policy samples) = {total}"
+                if sampled else f"max_length={config.max_length}")
+        raise ConfigError(f"{what} exceeds the model's max_position_embeddings={limit}")
 
 
 # ------------------------------------------------------------------------------- model
@@ -113,7 +146,8 @@ def run(command: str, config) -> dict[str, Any]:
     vocab = model.config.vocab_size
     if tokenizer.get_vocab_size() > vocab:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab}")
-    kw = _token_kwargs(config, tokenizer, vocab)
+    check_lengths(config, model.config)
+    kw = _token_kwargs(config, tokenizer, vocab)  # vocab_size: every id is range-checked here, not under jit
 
     from ldjax.data.preference import SFTExample
     from ldjax.data.tokenize import batches, tokenize_preference, tokenize_sft
@@ -147,8 +181,7 @@ def run(command: str, config) -> dict[str, Any]:
         test_arrays = {**test_arrays, **objectives.reference_logps(graphdef, params, rest, test_arrays, batch_size=config.batch_size, mesh=mesh)}
         if config.on_policy != "off":
             constants = jax.tree.map(jnp.copy, params)  # frozen reference for the sampled responses
-            eos = _special(tokenizer, "<eos>", "</s>", "<|endoftext|>", "<|im_end|>")
-            pad = _special(tokenizer, "<pad>", "<|padding|>") or 0
+            eos, pad = kw["eos_id"], kw["pad_id"]
 
             def prepare_fn(p, batch, key, ref_params):
                 policy = nnx.merge(graphdef, p, rest)

@@ -5,9 +5,14 @@ import json
 
 import pytest
 
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+
 from ldjax import cli
 from ldjax.config import parse_config
-from ldjax.train.config import DPOConfig
+from ldjax.data.preference import SFTExample
+from ldjax.data.tokenize import TokenizationError, tokenize_sft
+from ldjax.train.config import ConfigError, DPOConfig
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48", "--max-prompt-length", "20",
         "--world-entities", "8", "--world-train", "8", "--world-test", "4", "--world-pretrain", "16",
@@ -62,3 +67,45 @@ def test_unknown_command_and_bad_flag():
         cli.main(["dpo", "--beta", "abc"])
     with pytest.raises(ValueError, match="on_policy"):
         parse_config(DPOConfig, ["--on-policy", "sometimes"])
+
+
+def word_tokenizer(tokens):
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token=tokens[0]))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tokenizer
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    (["<unk>", "</s>", "[PAD]", "a", "b"], {"bos_id": None, "eos_id": 1, "pad_id": 2}),    # BERT-style pad
+    (["<|endoftext|>", "a", "b"], {"bos_id": 0, "eos_id": 0, "pad_id": 0}),                # Pythia: pad = EOS
+    (["a", "<|im_end|>", "b", "<s>"], {"bos_id": 3, "eos_id": 1, "pad_id": 1}),            # no pad: EOS, never 0
+])
+def test_special_ids_are_the_ones_tokenisation_uses(tokens, expected):
+    tokenizer = word_tokenizer(tokens)
+    ids = cli.special_ids(tokenizer)
+    assert ids == expected
+    # tokenize_sft left to its own defaults pads with (and appends) the very same ids.
+    arrays = tokenize_sft([SFTExample("a", "b"), SFTExample("a b a", "b")], tokenizer, max_length=8,
+                          max_prompt_length=4, pad_to_max_length=True)
+    short = arrays["input_ids"][0]
+    assert short[2] == ids["eos_id"] and (short[3:] == ids["pad_id"]).all()
+    assert cli._token_kwargs(DPOConfig(), tokenizer, vocab_size=len(tokens))["vocab_size"] == len(tokens)
+
+
+def test_special_ids_without_eos_is_a_clear_error():
+    with pytest.raises(TokenizationError, match="pass eos_id explicitly"):
+        cli.special_ids(word_tokenizer(["a", "b", "<pad>"]))
+
+
+def test_lengths_beyond_the_model_positions_are_refused_before_training(tmp_path):
+    # The tiny model has max_position_embeddings=2048; every batch is padded to max_length.
+    out = tmp_path / "long"
+    with pytest.raises(ConfigError, match="max_length=3000 exceeds the model's max_position_embeddings=2048"):
+        cli.main(["sft", *TINY, "--max-length", "3000", "--out", str(out)])
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    # On-policy samples append max_new_tokens to the padded prompt+response length.
+    with pytest.raises(ConfigError, match=r"max_length=2040 \+ max_new_tokens=24 \(on-policy samples\) = 2064 exceeds"):
+        cli.main(["dpo", *TINY, "--max-length", "2040", "--on-policy", "rejected", "--max-new-tokens", "24",
+                  "--out", str(out)])
+    # Off-policy, the same max_length fits.
+    cli.check_lengths(DPOConfig(max_length=2040, on_policy="off"), type("C", (), {"max_position_embeddings": 2048}))
