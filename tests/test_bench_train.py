@@ -92,6 +92,7 @@ def test_padded_batches_follow_the_token_convention():
     np.testing.assert_array_equal(batch["chosen_input_ids"][:, :5], batch["rejected_input_ids"][:, :5])
 
 
+@pytest.mark.filterwarnings("ignore:.*tokenizer.json not found")
 @pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
 def test_model_flops_count_every_matmul_parameter(arch, tiny_inputs):
     """6·N of the formula equals 6 × the number of kernel entries of the real model (+ tied head)."""
