@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV := .venv
 ORACLE := .venv-oracle
+TORCH := .venv-torch
 PY := $(VENV)/bin/python
 OUT ?= results
 
-.PHONY: venv oracle-venv demo test test-fast test-oracle bench bench-ntk bench-train clean
+.PHONY: venv oracle-venv torch-venv demo test test-fast test-oracle bench bench-ntk bench-train clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,15 +25,26 @@ $(ORACLE)/.installed: tests/oracle/requirements.txt
 	$(ORACLE)/bin/pip install -q --no-deps neural-tangents==0.6.5
 	touch $@
 
+# PyTorch + transformers, a test-only reference (live parity, the torch side of benchmarks/train).
+$(TORCH)/.installed: benchmarks/requirements-torch.txt
+	$(PYTHON) -m venv $(TORCH)
+	$(TORCH)/bin/pip install -q --upgrade pip
+	$(TORCH)/bin/pip install -q -r benchmarks/requirements-torch.txt
+	touch $@
+
 venv: $(VENV)/.installed
 oracle-venv: $(ORACLE)/.installed
+torch-venv: $(TORCH)/.installed
 
 ## The main job on the embedded default (CPU, no download): writes figures, JSON and a report to $(OUT)/
 demo: venv
 	$(PY) -m experiments.demo --out $(OUT)
 
 ## The whole test suite: main environment, then the neural-tangents oracle leg.
+## The torch reference is optional: if it cannot be installed, its live legs skip with a reason.
 test: venv oracle-venv
+	-$(MAKE) --no-print-directory torch-venv
+	LDJAX_TORCH_PYTHON=$$(test -f $(TORCH)/.installed && echo $(CURDIR)/$(TORCH)/bin/python) \
 	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle
 	PYTHONPATH=. $(ORACLE)/bin/python -m pytest -q -p no:cacheprovider tests/oracle
 
