@@ -24,8 +24,9 @@ from flax import nnx
 
 from ldjax.config import parse_config, to_dict
 from ldjax.train import objectives, optim, sampling, sharding, steps
-from ldjax.train.checkpoint import RunCheckpointer
-from ldjax.train.config import ConfigError, DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig
+from ldjax.train.checkpoint import RunCheckpointer, file_digest
+from ldjax.train.config import (ConfigError, DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig,
+                                resume_signature)
 from ldjax.train.loop import train
 
 COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
@@ -128,14 +129,30 @@ def _model_signature(model) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(model.config)))
 
 
+def run_sources(config) -> dict[str, str]:
+    """Where the data and the starting model come from: resolved paths and content hashes.
+
+    Part of the resume signature: the same path with other contents (a regenerated JSONL, a
+    model directory overwritten by a later job) gives another data order or another policy
+    and reference, so it must not resume the old checkpoint.
+    """
+    sources: dict[str, str] = {}
+    if config.data:
+        data = pathlib.Path(config.data).resolve()
+        sources.update(data=str(data), data_sha256=file_digest([data]))
+    if config.model != "tiny":
+        model_dir = pathlib.Path(config.model).resolve()
+        files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.safetensors.index.json"))
+        files += [p for p in (model_dir / "config.json", model_dir / "tokenizer.json") if p.exists()]
+        sources.update(model=str(model_dir), model_sha256=file_digest(files))
+    return sources
+
+
 # ------------------------------------------------------------------------------- jobs
 
 def run(command: str, config) -> dict[str, Any]:
     """Runs one job; returns its final numbers (also in ``<out>/summary.json``)."""
     out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
-
     tokenizer = None
     if config.model != "tiny":
         from ldjax.models.hf import load_tokenizer
@@ -147,6 +164,24 @@ def run(command: str, config) -> dict[str, Any]:
     if tokenizer.get_vocab_size() > vocab:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab}")
     check_lengths(config, model.config)
+
+    # Refuse to continue another run's checkpoint before writing anything or computing reference
+    # log-probs: its saved data position and optimizer state only make sense on its trajectory.
+    checkpointer = RunCheckpointer(out / "checkpoints", model_config=_model_signature(model),
+                                   run_config={"command": command, **to_dict(config)},
+                                   resume_signature=resume_signature(config, command=command, sources=run_sources(config)),
+                                   keep=config.keep_checkpoints)
+    try:
+        if config.resume and checkpointer.latest_step() is not None:
+            checkpointer.check_resumable()
+        (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
+        return _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts)
+    finally:
+        checkpointer.close()
+
+
+def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts) -> dict[str, Any]:
+    vocab = model.config.vocab_size
     kw = _token_kwargs(config, tokenizer, vocab)  # vocab_size: every id is range-checked here, not under jit
 
     from ldjax.data.preference import SFTExample
@@ -196,13 +231,8 @@ def run(command: str, config) -> dict[str, Any]:
     state = sharding.replicate(steps.init_train_state(params, optimizer, config.seed), mesh)
 
     eval_fn = _make_eval(graphdef, rest, loss_fn, test_arrays, config.batch_size, mesh) if config.eval_every else None
-    checkpointer = RunCheckpointer(out / "checkpoints", model_config=_model_signature(model),
-                                   run_config={"command": command, **to_dict(config)}, keep=config.keep_checkpoints)
-    try:
-        result = train(step, state, lambda epoch: batches(arrays, config.batch_size, seed=config.seed, epoch=epoch),
-                       config, checkpointer=checkpointer, eval_fn=eval_fn, desc=f"ldjax {command}")
-    finally:
-        checkpointer.close()
+    result = train(step, state, lambda epoch: batches(arrays, config.batch_size, seed=config.seed, epoch=epoch),
+                   config, checkpointer=checkpointer, eval_fn=eval_fn, desc=f"ldjax {command}")
 
     nnx.update(model, jax.device_get(result.state.params))
     from ldjax.models.hf import save_pretrained

@@ -1,6 +1,8 @@
 """Orbax checkpoints: resume after a kill equals the uninterrupted run, bitwise; config checks."""
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,9 @@ from flax import nnx
 
 from ldjax.train import loop as loop_lib
 from ldjax.train import optim, sharding, steps
-from ldjax.train.checkpoint import CheckpointConfigMismatch, CheckpointError, RunCheckpointer
-from ldjax.train.config import LoopConfig, OptimizerConfig
+from ldjax.train.checkpoint import CheckpointConfigMismatch, CheckpointError, RunCheckpointer, file_digest
+from ldjax.train.config import (RESUMABLE_FIELDS, DPOConfig, LoopConfig, OptimizerConfig, PretrainConfig, SFTConfig,
+                                resume_signature)
 
 
 class TinyNet(nnx.Module):
@@ -120,3 +123,89 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         assert (meta["epoch"], meta["batch_index"], meta["step"]) == (1, 2, 0)
         for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_other_run_settings_are_refused_listing_every_difference(tmp_path):
+    state, _ = fresh(seed=0)
+    saved = resume_signature(SFTConfig(seed=0, batch_size=8, learning_rate=1e-4), command="sft",
+                             sources={"data_sha256": "aa"})
+    with RunCheckpointer(tmp_path, model_config={"hidden": 8}, resume_signature=saved) as ckpt:
+        ckpt.save(state, epoch=1, batch_index=2)
+    now = resume_signature(SFTConfig(seed=1, batch_size=16, learning_rate=1e-4), command="sft",
+                           sources={"data_sha256": "bb"})
+    with RunCheckpointer(tmp_path, model_config={"hidden": 16}, resume_signature=now) as ckpt:
+        with pytest.raises(CheckpointConfigMismatch) as err:
+            ckpt.restore(state)
+    message = str(err.value)
+    for diff in ("model_config.hidden: checkpoint 8 vs now 16", "seed: checkpoint 0 vs now 1",
+                 "batch_size: checkpoint 8 vs now 16", "data_sha256: checkpoint 'aa' vs now 'bb'"):
+        assert diff in message
+    assert "learning_rate" not in message  # only what differs is listed
+    # Fields that may change on resume do not stop it; the data position comes back.
+    allowed = resume_signature(SFTConfig(seed=0, batch_size=8, learning_rate=1e-4, num_steps=500, log_every=7,
+                                         eval_every=3, checkpoint_every=9, keep_checkpoints=1, progress=False,
+                                         num_devices=2, out="elsewhere"), command="sft", sources={"data_sha256": "aa"})
+    with RunCheckpointer(tmp_path, model_config={"hidden": 8}, resume_signature=allowed) as ckpt:
+        _, meta = ckpt.restore(state)
+    assert (meta["epoch"], meta["batch_index"]) == (1, 2)
+
+
+def test_checkpoint_without_a_signature_is_refused_by_a_run_with_one(tmp_path):
+    state, _ = fresh(seed=0)
+    with RunCheckpointer(tmp_path, model_config={}) as ckpt:  # what older checkpoints look like
+        ckpt.save(state, epoch=0, batch_index=0)
+        meta = ckpt.read_meta()
+    meta.pop("resume_signature")
+    import json, pathlib
+    meta_file = next(pathlib.Path(tmp_path).glob("0/meta/*"))
+    meta_file.write_text(json.dumps(meta))
+    with RunCheckpointer(tmp_path, model_config={}, resume_signature={"seed": 0}) as ckpt:
+        with pytest.raises(CheckpointConfigMismatch, match="no resume signature"):
+            ckpt.check_resumable()
+
+
+def _changed(config, name):
+    """``config`` with field ``name`` set to another valid value."""
+    value = getattr(config, name)
+    alternatives = {"optimizer": "sgd", "schedule": "cosine", "arch": "gpt_neox", "model": "runs/other/model",
+                    "data": "pairs.jsonl", "data_format": "hh", "loss_type": "ipo", "on_policy": "rejected",
+                    "out": "runs/elsewhere"}
+    if name in alternatives:
+        new = alternatives[name]
+    elif isinstance(value, bool):
+        new = not value
+    elif isinstance(value, int):
+        new = value + 1
+    else:
+        new = value * 0.5 + 0.01
+    return dataclasses.replace(config, **{name: new})
+
+
+@pytest.mark.parametrize("cls, command", [(PretrainConfig, "pretrain"), (SFTConfig, "sft"), (DPOConfig, "dpo")])
+def test_resume_signature_covers_every_field_that_sets_the_trajectory(cls, command):
+    base = cls()
+    reference = resume_signature(base, command=command)
+    for f in dataclasses.fields(cls):
+        moved = resume_signature(_changed(base, f.name), command=command) != reference
+        assert moved == (f.name not in RESUMABLE_FIELDS), f.name
+    assert resume_signature(base, command="other") != reference
+    # A decaying schedule ends at num_steps: then the length of the run is part of the trajectory.
+    decaying = dataclasses.replace(base, schedule="linear")
+    assert (resume_signature(decaying, command=command)
+            != resume_signature(dataclasses.replace(decaying, num_steps=base.num_steps + 1), command=command))
+    # Sources (resolved paths, content hashes) are added and override fields of the same name.
+    sig = resume_signature(base, command=command, sources={"data": "/abs/pairs.jsonl", "data_sha256": "ff"})
+    assert (sig["data"], sig["data_sha256"]) == ("/abs/pairs.jsonl", "ff")
+
+
+def test_file_digest_sees_contents_and_names(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("one\n")
+    b.write_text("one\n")
+    assert file_digest([a]) == file_digest([a]) != file_digest([b])  # the name counts
+    first = file_digest([a])
+    a.write_text("two\n")
+    assert file_digest([a]) != first
+    assert file_digest([a, b]) != file_digest([b, a])
+    with pytest.raises(CheckpointError, match="not a file"):
+        file_digest([tmp_path / "missing"])

@@ -12,6 +12,7 @@ from ldjax import cli
 from ldjax.config import parse_config
 from ldjax.data.preference import SFTExample
 from ldjax.data.tokenize import TokenizationError, tokenize_sft
+from ldjax.train.checkpoint import CheckpointConfigMismatch
 from ldjax.train.config import ConfigError, DPOConfig
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48", "--max-prompt-length", "20",
@@ -109,3 +110,41 @@ def test_lengths_beyond_the_model_positions_are_refused_before_training(tmp_path
                   "--out", str(out)])
     # Off-policy, the same max_length fits.
     cli.check_lengths(DPOConfig(max_length=2040, on_policy="off"), type("C", (), {"max_position_embeddings": 2048}))
+
+
+def test_relaunch_with_other_settings_is_refused_and_allowed_changes_resume(tmp_path):
+    rows = [{"prompt": f"question {i} about dogs ?", "chosen": f"answer {i} is kind .", "rejected": f"no {i}"}
+            for i in range(10)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    base = ["sft", *TINY, "--data", str(data), "--num-steps", "2", "--out", str(out)]
+    assert cli.main(base) == 0
+    saved_config = (out / "config.json").read_text()
+
+    refused = [
+        (["--seed", "5"], ["seed: checkpoint 0 vs now 5"]),
+        (["--batch-size", "2", "--learning-rate", "0.001"], ["batch_size: checkpoint 4 vs now 2",
+                                                            "learning_rate: checkpoint 0.0001 vs now 0.001"]),
+        (["--max-length", "40"], ["max_length: checkpoint 48 vs now 40"]),
+        (["--accumulation-steps", "2"], ["accumulation_steps: checkpoint 1 vs now 2"]),
+        (["--sft-on-both", "true"], ["sft_on_both: checkpoint False vs now True"]),
+    ]
+    for extra, diffs in refused:
+        with pytest.raises(CheckpointConfigMismatch) as err:
+            cli.main(base + extra)
+        assert all(d in str(err.value) for d in diffs), (extra, str(err.value))
+    # Same path, other contents: another data order, so refused too.
+    data.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    with pytest.raises(CheckpointConfigMismatch, match="data_sha256"):
+        cli.main(base)
+    assert (out / "config.json").read_text() == saved_config  # nothing was overwritten by a refused launch
+    assert [l["step"] for l in read_metrics(out)] == [1, 2]
+
+    # Back to the original data; more steps, another mesh size and log frequency may change.
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(base[:-4] + ["--num-steps", "3", "--num-devices", "2", "--log-every", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["resumed_from"], summary["steps"], summary["devices"]) == (2, 3, 2)
+    assert json.loads((out / "config.json").read_text())["num_steps"] == 3
+    assert [l["step"] for l in read_metrics(out)] == [1, 2, 3]

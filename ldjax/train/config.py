@@ -8,7 +8,9 @@ from flags and a JSON file. The job configs (:class:`PretrainConfig`, :class:`SF
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -151,7 +153,30 @@ def paper_rmsprop(**overrides) -> OptimizerConfig:
     return OptimizerConfig(**values)
 
 
-def optimizer_fields(config: OptimizerConfig) -> OptimizerConfig:
-    """The plain :class:`OptimizerConfig` inside any job config (for hashing / comparing)."""
-    names = {f.name for f in dataclasses.fields(OptimizerConfig)}
-    return OptimizerConfig(**{k: getattr(config, k) for k in names})
+# What may change when a run is resumed: how long it runs, how often it logs, evaluates and
+# saves, where it writes, and over how many devices (another mesh only reorders the gradient
+# all-reduce: the same trajectory up to float32 rounding, not bitwise). Everything else sets
+# the trajectory (seeds, data, batch, lengths, optimizer, loss, model) and must match.
+RESUMABLE_FIELDS = frozenset({"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+                              "resume", "progress", "out", "num_devices"})
+
+
+def resume_signature(config: LoopConfig, *, command: str, sources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON-ready dict that a checkpoint must share with ``config`` to be resumed by it.
+
+    Every field of ``config`` except :data:`RESUMABLE_FIELDS`, plus ``command`` and ``sources``
+    (which override fields of the same name: e.g. the resolved ``data``/``model`` paths and the
+    content hashes of those files, see :func:`ldjax.train.checkpoint.file_digest`). With a
+    ``linear`` or ``cosine`` schedule ``num_steps`` is kept too: the decay ends there, so
+    changing it changes every learning rate.
+    """
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"resume_signature: expected a config dataclass, got {type(config).__name__}")
+    values = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    free = set(RESUMABLE_FIELDS)
+    if values.get("schedule", "constant") != "constant":
+        free.discard("num_steps")
+    signature = {k: v for k, v in values.items() if k not in free}
+    signature["command"] = command
+    signature.update(json.loads(json.dumps(dict(sources or {}), default=str)))
+    return signature
