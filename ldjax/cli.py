@@ -24,7 +24,7 @@ from flax import nnx
 
 from ldjax.config import parse_config, to_dict
 from ldjax.train import objectives, optim, sampling, sharding, steps
-from ldjax.train.checkpoint import RunCheckpointer, file_digest
+from ldjax.train.checkpoint import CheckpointError, RunCheckpointer, file_digest
 from ldjax.train.config import (ConfigError, DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig,
                                 resume_signature)
 from ldjax.train.loop import train
@@ -172,7 +172,14 @@ def run(command: str, config) -> dict[str, Any]:
                                    resume_signature=resume_signature(config, command=command, sources=run_sources(config)),
                                    keep=config.keep_checkpoints)
     try:
-        if config.resume and checkpointer.latest_step() is not None:
+        if checkpointer.latest_step() is not None:
+            if not config.resume:
+                # Starting over next to old checkpoints would let a later resume pick up a
+                # step of the old run; the user must choose.
+                raise CheckpointError(
+                    f"{out / 'checkpoints'} already holds checkpoints (latest step "
+                    f"{checkpointer.latest_step()}) and --resume is false: use another --out, "
+                    "delete that folder, or pass --resume true")
             checkpointer.check_resumable()
         (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
         return _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts)

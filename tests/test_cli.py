@@ -12,7 +12,7 @@ from ldjax import cli
 from ldjax.config import parse_config
 from ldjax.data.preference import SFTExample
 from ldjax.data.tokenize import TokenizationError, tokenize_sft
-from ldjax.train.checkpoint import CheckpointConfigMismatch
+from ldjax.train.checkpoint import CheckpointConfigMismatch, CheckpointError
 from ldjax.train.config import ConfigError, DPOConfig
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48", "--max-prompt-length", "20",
@@ -148,3 +148,13 @@ def test_relaunch_with_other_settings_is_refused_and_allowed_changes_resume(tmp_
     assert (summary["resumed_from"], summary["steps"], summary["devices"]) == (2, 3, 2)
     assert json.loads((out / "config.json").read_text())["num_steps"] == 3
     assert [l["step"] for l in read_metrics(out)] == [1, 2, 3]
+
+
+def test_fresh_start_next_to_old_checkpoints_is_refused(tmp_path):
+    out = tmp_path / "run"
+    base = ["sft", *TINY, "--num-steps", "2", "--checkpoint-every", "1", "--out", str(out)]
+    assert cli.main(base) == 0
+    saved_config = (out / "config.json").read_text()
+    with pytest.raises(CheckpointError, match="already holds checkpoints .*--resume is false"):
+        cli.main(base + ["--resume", "false"])
+    assert (out / "config.json").read_text() == saved_config
