@@ -623,10 +623,23 @@ def observations(report: dict[str, Any]) -> list[str]:
                 out.append(f"  The 2-device mesh runs at ×{mesh['tokens_per_s'] / single['tokens_per_s']:.2f} "
                            f"the single-device throughput, keeping {mesh['cores_busy']:.2f} cores busy "
                            f"(single device {single['cores_busy']:.2f}, torch {torch_cells_busy(here)}).")
+    for objective in report["config"]["objectives"]:
+        size = max(report["config"]["sizes"], key=lambda s: list(SIZES).index(s))
+        here = [c for c in cells if c["size"] == size and c["objective"] == objective]
+        ours = max((c for c in here if c["impl"] == "ldjax"), key=lambda c: c["tokens_per_s"], default=None)
+        ref = next((c for c in here if c["runner"] == "torch"), None)
+        if ours and ref:
+            out.append(f"- Where the time goes ({objective.upper()} {size}): best ldjax does "
+                       f"{ours['achieved_tflops'] * 1e3:.0f} model GFLOP/s on {ours['cores_busy']:.2f} busy cores "
+                       f"({ours['achieved_tflops'] * 1e3 / ours['cores_busy']:.0f} per core), torch "
+                       f"{ref['achieved_tflops'] * 1e3:.0f} on {ref['cores_busy']:.2f} "
+                       f"({ref['achieved_tflops'] * 1e3 / ref['cores_busy']:.0f} per core).")
     gaps = [c["max_loss_gap_vs_torch"] for c in cells if c["max_loss_gap_vs_torch"] is not None]
     if gaps:
+        rel = max(c["max_loss_gap_vs_torch"] / abs(c["raw"]["losses"][0]) for c in cells
+                  if c["max_loss_gap_vs_torch"] is not None)
         out.append(f"- Largest loss gap between any runner and torch over all steps: {max(gaps):.1e} "
-                   "(float32 round-off: the implementations compute the same step).")
+                   f"(relative {rel:.1e}; float32 round-off: the implementations compute the same step).")
     return out
 
 
