@@ -53,7 +53,7 @@ from ldjax.config import parse_config
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 TORCH_REFERENCE = BENCH_DIR / "torch_reference.py"
 TORCH_REQUIREMENTS = BENCH_DIR / "requirements-torch.txt"
-DEFAULT_TORCH_VENV = BENCH_DIR / ".venv-torch"
+DEFAULT_TORCH_VENV = BENCH_DIR.parent / ".venv-torch"  # the one `make torch-venv` builds
 
 # One XLA CPU thread per device: no Eigen thread pool inside an op (the SPEC §4 "threading off").
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -158,7 +158,7 @@ class Config:
     beta: float = field(default=0.1, metadata={"help": "DPO beta"})
     repeats: int = field(default=1, metadata={"help": "run every cell this many times (round robin) and keep the fastest repeat's median, to shed bursts of load from other processes"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and the token batch"})
-    torch_python: str = field(default="", metadata={"help": "python of a torch environment; empty = benchmarks/.venv-torch (created from requirements-torch.txt if absent)"})
+    torch_python: str = field(default="", metadata={"help": "python of a torch environment; empty = .venv-torch at the repo root (created from benchmarks/requirements-torch.txt if absent)"})
     device: str = field(default="cpu", metadata={"help": "cpu or gpu (ldjax on the default GPU backend, torch on cuda)"})
     peak_tflops: float = field(default=0.0, metadata={"help": "device peak TFLOP/s for MFU; 0 = look up the GPU (none on CPU)"})
     timeout_s: int = field(default=600, metadata={"help": "limit per measurement subprocess"})
@@ -360,7 +360,7 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_torch_python(config: Config) -> str:
-    """The python of a torch environment: ``--torch-python``, else ``benchmarks/.venv-torch``
+    """The python of a torch environment: ``--torch-python``, else ``.venv-torch`` (repo root)
     (created from ``requirements-torch.txt`` on first use)."""
     if config.torch_python:
         if not pathlib.Path(config.torch_python).is_file():

@@ -25,19 +25,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _torch_python() -> str | None:
-    """A python with torch: $LDJAX_TORCH_PYTHON, benchmarks/.venv-torch, or /tmp/venv-torch."""
-    candidates = [os.environ.get("LDJAX_TORCH_PYTHON", ""), str(bench.DEFAULT_TORCH_VENV / "bin" / "python"),
-                  "/tmp/venv-torch/bin/python"]
-    for candidate in candidates:
-        if candidate and pathlib.Path(candidate).is_file():
-            probe = subprocess.run([candidate, "-c", "import torch, safetensors"], capture_output=True)
-            if probe.returncode == 0:
-                return candidate
-    return None
+    """The python named by $LDJAX_TORCH_PYTHON (``make test`` points it at the torch venv it builds)."""
+    candidate = os.environ.get("LDJAX_TORCH_PYTHON")
+    if not candidate:
+        return None
+    probe = subprocess.run([candidate, "-c", "import torch, safetensors"], capture_output=True)
+    assert probe.returncode == 0, f"LDJAX_TORCH_PYTHON={candidate} cannot import torch: {probe.stderr[-500:]!r}"
+    return candidate
 
 
 TORCH_PYTHON = _torch_python()
-needs_torch = pytest.mark.skipif(TORCH_PYTHON is None, reason="no python environment with torch found")
+needs_torch = pytest.mark.skipif(TORCH_PYTHON is None, reason="LDJAX_TORCH_PYTHON is not set (make test sets it)")
 
 
 def _job(directory: pathlib.Path, objective: str, **overrides) -> dict:
