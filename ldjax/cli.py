@@ -272,8 +272,12 @@ def _make_eval(graphdef, rest, loss_fn, arrays, batch_size, mesh):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = __doc__.strip() + f"\n\nusage: ldjax {{{','.join(COMMANDS)}}} [--help] [flags]"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__.strip() + f"\n\nusage: ldjax {{{','.join(COMMANDS)}}} [--help] [flags]", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     command = argv[0]
     config = parse_config(COMMANDS[command], argv[1:], prog=f"ldjax {command}")

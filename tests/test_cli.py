@@ -61,9 +61,11 @@ def test_data_flag_reads_jsonl_and_reports_bad_lines(tmp_path):
         cli.main(args[:-1] + [str(tmp_path / "run2")])
 
 
-def test_unknown_command_and_bad_flag():
+def test_unknown_command_and_bad_flag(capsys):
     assert cli.main([]) == 2
     assert cli.main(["finetune"]) == 2
+    assert cli.main(["--help"]) == 0
+    assert "usage: ldjax {pretrain,sft,dpo}" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["dpo", "--beta", "abc"])
     with pytest.raises(ValueError, match="on_policy"):
