@@ -329,11 +329,12 @@ def dense_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """``x @ kernel``: (..., D_in) x (D_in, D_out) -> (..., D_out), the forward of a dense layer.
 
     The value is exactly ``jnp.dot(x, kernel)``; only the derivative is arranged differently.
-    Reverse mode computes the weight gradient ``xᵀ · g`` (contracting the N = batch × time rows).
-    Left to itself XLA folds the transpose into the dot, whose left operand is then contracted
-    on its *major* axis; XLA CPU hands such a dot to Eigen instead of its faster YNNPACK kernels
-    (about 1.5× slower on the training shapes). Here the tangent rule contracts a materialised
-    ``xᵀ`` (D_in, N) instead, so the transposed (backward) dot contracts its minor axis.
+    Reverse mode computes the weight gradient ``xᵀ · g`` (contracting the N = batch × time rows
+    of ``x`` (N, D_in) and of the output cotangent ``g`` (N, D_out)). Left to itself XLA folds
+    the transpose into the dot, whose left operand is then contracted on its *major* axis; XLA
+    CPU hands such a dot to Eigen instead of its faster YNNPACK kernels (about 1.5x slower on
+    the training shapes). Here the tangent rule materialises the transpose of the smaller of
+    ``x`` and ``g`` instead, so every backward dot contracts the minor axis of its left operand.
     """
     return jnp.dot(x, kernel)
 
@@ -343,9 +344,15 @@ def _dense_matmul_jvp(primals, tangents):
     x, kernel = primals
     x_dot, kernel_dot = tangents
     y = jnp.dot(x, kernel)
-    # The barrier keeps XLA from folding the transpose back into the dot (see the docstring).
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    kernel_term = jax.lax.dot_general(x_t, kernel_dot, (((0,), (0,)), ((), ())))
+    rows = x.reshape(-1, x.shape[-1])
+    barrier = jax.lax.optimization_barrier  # keeps XLA from folding a transpose into its dot
+    if kernel.shape[0] <= kernel.shape[1]:
+        # Transposed by autodiff into  dkernel = (x^T) g  with x^T materialised (D_in, N).
+        kernel_term = jax.lax.dot_general(barrier(rows.T), kernel_dot, (((0,), (0,)), ((), ())))
+    else:
+        # (dkernel^T x^T)^T: transposed into  dkernel^T = (g^T) x  with g^T materialised (D_out, N).
+        # The barrier on dkernel^T stops XLA from swapping the operands to drop that transpose.
+        kernel_term = barrier(jax.lax.dot_general(barrier(kernel_dot.T), rows, (((1,), (1,)), ((), ())))).T
     return y, jnp.dot(x_dot, kernel) + kernel_term.reshape(y.shape)
 
 
