@@ -79,12 +79,15 @@ def token_logps(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -
     loss_mask = jnp.asarray(loss_mask)
     _check_sequence_inputs(logits, input_ids, loss_mask)
     dtype = _compute_dtype(logits.dtype)
-    predicting = logits[:, :-1].astype(dtype)
-    targets = input_ids[:, 1:]
+    logits = logits.astype(dtype)
+    # Row t scores token t + 1. Every row is scored against a target (the last one against a
+    # dummy 0, discarded below) so that no (B, T - 1, V) slice of the logits is copied, forward
+    # or backward: only (B, T) arrays are shifted.
+    next_ids = jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
     # logit_y - logsumexp(logits) avoids materialising a second (B, T, V) log-softmax.
-    target_logits = jnp.take_along_axis(predicting, targets[..., None], axis=-1)[..., 0]
-    shifted = target_logits - jax.nn.logsumexp(predicting, axis=-1)
-    padded = jnp.pad(shifted, ((0, 0), (1, 0)))
+    target_logits = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
+    next_logps = target_logits - jax.nn.logsumexp(logits, axis=-1)
+    padded = jnp.concatenate([jnp.zeros_like(next_logps[:, :1]), next_logps[:, :-1]], axis=1)
     # where() rather than a product keeps a -inf log-prob on an unscored token from
     # turning into nan.
     return jnp.where(_scored(loss_mask, bool), padded, jnp.zeros((), dtype))
