@@ -34,17 +34,17 @@ from flax import nnx
 
 ARCHITECTURES = ("gpt_neox", "qwen2")
 
-# Hugging Face ``hidden_act`` names -> the same function in JAX. "gelu" is the exact erf form.
 def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact GELU ``x · Φ(x) = x/2 · (1 + erf(x/√2))`` (Hendrycks & Gimpel 2016), torch's formula.
 
     ``jax.nn.gelu(approximate=False)`` evaluates the same function through ``erfc``, whose
-    branchy XLA CPU kernel cost about as much as a whole MLP matmul in the backward pass;
-    ``erf`` is one vectorised rational approximation.
+    branchy XLA CPU kernels took ~22 ms of a 1M-parameter model's ~90 ms training step (4
+    layers, 8 x 128 tokens); ``erf`` is one vectorised rational approximation (~4 ms there).
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 
+# Hugging Face ``hidden_act`` names -> the same function in JAX. "gelu" is the exact erf form.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu_erf,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -344,6 +344,7 @@ def _dense_matmul_jvp(primals, tangents):
     x, kernel = primals
     x_dot, kernel_dot = tangents
     y = jnp.dot(x, kernel)
+    # Forward mode (e.g. eNTK Jacobian-vector products) pays one transpose more; values are equal.
     rows = x.reshape(-1, x.shape[-1])
     barrier = jax.lax.optimization_barrier  # keeps XLA from folding a transpose into its dot
     if kernel.shape[0] <= kernel.shape[1]:
