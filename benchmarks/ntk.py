@@ -40,6 +40,9 @@ import jax.numpy as jnp  # noqa: E402
 from ldjax import ntk  # noqa: E402
 from ldjax.config import parse_config  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import process_stats  # noqa: E402  (stdlib-only helpers shared with the other environments)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -236,15 +239,7 @@ def akg_benchmark(config: Config) -> list[dict]:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": process_stats.cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.default_backend()}
 
 

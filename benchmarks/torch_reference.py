@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import process_stats  # noqa: E402  (stdlib-only helpers shared with the ldjax side)
+
 # ---------------------------------------------------------------------------------------------
 # Model
 
@@ -322,17 +325,6 @@ class HFWrapper(nn.Module):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads (getrusage)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """Builds the model and the step described by ``job``, times it, returns the numbers.
 
@@ -343,7 +335,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("threads", 0):
         torch.set_num_threads(int(job["threads"]))
     device = torch.device("cuda" if job.get("device") == "cuda" and torch.cuda.is_available() else "cpu")
-    rss_start = _rss_bytes()
+    rss_start = process_stats.rss_bytes()
     if job.get("impl", "torch") == "hf":
         model = HFWrapper(job["model_dir"])
     else:
@@ -364,7 +356,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     times, losses, cpu_start = [], [], None
     for _ in range(int(job["warmup"]) + int(job["steps"])):
         if len(times) == int(job["warmup"]):
-            cpu_start = _cpu_seconds()
+            cpu_start = process_stats.cpu_seconds()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of()
@@ -372,7 +364,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         optimizer.step()
         losses.append(loss.item())  # .item() synchronises, as ldjax's float(loss) does
         times.append(time.perf_counter() - start)
-    cpu_seconds = _cpu_seconds() - cpu_start  # all threads, over the timed steps only
+    cpu_seconds = process_stats.cpu_seconds() - cpu_start  # all threads, over the timed steps only
     result = {
         "impl": job.get("impl", "torch"),
         "threads": torch.get_num_threads(),

@@ -50,6 +50,9 @@ import numpy as np
 
 from ldjax.config import parse_config
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import process_stats  # noqa: E402  (stdlib-only helpers shared with the other environments)
+
 BENCH_DIR = pathlib.Path(__file__).resolve().parent
 TORCH_REFERENCE = BENCH_DIR / "torch_reference.py"
 TORCH_REQUIREMENTS = BENCH_DIR / "requirements-torch.txt"
@@ -263,17 +266,6 @@ def peak_flops(device_kind: str, override_tflops: float, matmul: str = "tf32") -
 # The ldjax side (runs inside a worker process whose XLA_FLAGS the driver set)
 
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process, all threads (getrusage)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
     """Times ldjax's compiled SFT or DPO step; the job fields are those of ``torch_reference.run_job``
     plus ``num_devices``. Returns per-step seconds and losses, peak RSS and XLA's analysis."""
@@ -286,7 +278,7 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
     from ldjax.train.optim import build_optimizer
     from ldjax.train.steps import init_train_state, make_train_step, split_model
 
-    rss_start = _rss_bytes()
+    rss_start = process_stats.rss_bytes()
     with warnings.catch_warnings():  # the benchmark needs no tokenizer and writes none
         warnings.filterwarnings("ignore", message=".*tokenizer.json not found")
         model, _ = load_pretrained(job["model_dir"], dtype=jnp.float32)
@@ -313,12 +305,12 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
     times, losses, cpu_start = [], [], None
     for _ in range(int(job["warmup"]) + int(job["steps"])):
         if len(times) == int(job["warmup"]):
-            cpu_start = _cpu_seconds()
+            cpu_start = process_stats.cpu_seconds()
         start = time.perf_counter()
         state, metrics = step(state, device_batch)
         losses.append(float(metrics["loss"]))  # float() waits for the step to finish
         times.append(time.perf_counter() - start)
-    cpu_seconds = _cpu_seconds() - cpu_start  # all threads, over the timed steps only
+    cpu_seconds = process_stats.cpu_seconds() - cpu_start  # all threads, over the timed steps only
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     device = jax.devices()[0]
     device_stats = device.memory_stats() or {}
@@ -434,15 +426,7 @@ def summarise(result: dict[str, Any], tokens_per_step: int, flops_per_step: floa
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, load average and library versions of this machine."""
-    cpu = platform.processor()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return {"cpu": process_stats.cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "load_average_start": os.getloadavg()}
 
 
