@@ -29,3 +29,9 @@ def rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (getrusage): pages touched for the first time,
+    e.g. memory freshly mapped by the allocator."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -353,10 +353,10 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"job objective={job['objective']!r}: expected 'sft' or 'dpo'")
     optimizer = torch.optim.Adam(model.parameters(), lr=float(job.get("learning_rate", 1e-4)), eps=1e-8)
 
-    times, losses, cpu_start = [], [], None
+    times, losses, cpu_start, faults_start = [], [], None, None
     for _ in range(int(job["warmup"]) + int(job["steps"])):
         if len(times) == int(job["warmup"]):
-            cpu_start = process_stats.cpu_seconds()
+            cpu_start, faults_start = process_stats.cpu_seconds(), process_stats.minor_faults()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_of()
@@ -365,6 +365,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         losses.append(loss.item())  # .item() synchronises, as ldjax's float(loss) does
         times.append(time.perf_counter() - start)
     cpu_seconds = process_stats.cpu_seconds() - cpu_start  # all threads, over the timed steps only
+    minor_faults = process_stats.minor_faults() - faults_start
     result = {
         "impl": job.get("impl", "torch"),
         "threads": torch.get_num_threads(),
@@ -372,6 +373,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "warmup_seconds": times[:int(job["warmup"])],
         "losses": losses,
         "cpu_seconds": cpu_seconds,
+        "minor_faults": minor_faults,
         "num_params": sum(p.numel() for p in model.parameters()),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_start_bytes": rss_start,

@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ldjax import host_memory
 from ldjax.config import parse_config
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -57,6 +58,9 @@ BENCH_DIR = pathlib.Path(__file__).resolve().parent
 TORCH_REFERENCE = BENCH_DIR / "torch_reference.py"
 TORCH_REQUIREMENTS = BENCH_DIR / "requirements-torch.txt"
 DEFAULT_TORCH_VENV = BENCH_DIR.parent / ".venv-torch"  # the one `make torch-venv` builds
+
+# ldjax.host_memory's mallopt settings as glibc environment variables, for the torch process.
+GLIBC_RETAIN_ENV = (("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647"))
 
 # One XLA CPU thread per device: no Eigen thread pool inside an op (the SPEC §4 "threading off").
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -110,6 +114,7 @@ class Runner:
     xla_flags: str = ""      # ldjax: extra XLA_FLAGS
     threads: int = 0         # torch: torch.set_num_threads (0 = default, one per core)
     sdpa: bool = True        # torch: fused scaled_dot_product_attention
+    env: tuple[tuple[str, str], ...] = ()  # extra environment variables of the measuring process
     label: str = ""
 
     @property
@@ -123,7 +128,11 @@ RUNNERS: dict[str, Runner] = {r.name: r for r in (
     Runner("ldjax-mesh2", "ldjax", num_devices=2, label="ldjax, 2-device data mesh"),
     Runner("ldjax-mesh2-1thread", "ldjax", num_devices=2, xla_flags=SINGLE_THREAD_FLAGS,
            label="ldjax, 2-device data mesh, Eigen threading off"),
+    Runner("ldjax-system-malloc", "ldjax", env=((host_memory.ENV_VAR, "system"),),
+           label="ldjax, glibc malloc defaults: XLA's scratch buffer is mapped afresh every step"),
     Runner("torch", "torch", label="torch eager, default threads, SDPA"),
+    Runner("torch-retain-malloc", "torch", env=GLIBC_RETAIN_ENV,
+           label="torch eager, default threads, SDPA, with the glibc settings ldjax uses (env variables)"),
     Runner("torch-1thread", "torch", threads=1, label="torch eager, 1 thread, SDPA"),
     Runner("torch-math-attn", "torch", sdpa=False, label="torch eager, default threads, explicit softmax attention"),
     Runner("hf", "hf", label="transformers model class, default threads"),
@@ -272,6 +281,7 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
+    from ldjax import host_memory
     from ldjax.models.hf import load_pretrained
     from ldjax.train import objectives, sharding
     from ldjax.train.config import OptimizerConfig
@@ -302,15 +312,16 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
     else:
         device_batch = jax.device_put(batch)
 
-    times, losses, cpu_start = [], [], None
+    times, losses, cpu_start, faults_start = [], [], None, None
     for _ in range(int(job["warmup"]) + int(job["steps"])):
         if len(times) == int(job["warmup"]):
-            cpu_start = process_stats.cpu_seconds()
+            cpu_start, faults_start = process_stats.cpu_seconds(), process_stats.minor_faults()
         start = time.perf_counter()
         state, metrics = step(state, device_batch)
         losses.append(float(metrics["loss"]))  # float() waits for the step to finish
         times.append(time.perf_counter() - start)
     cpu_seconds = process_stats.cpu_seconds() - cpu_start  # all threads, over the timed steps only
+    minor_faults = process_stats.minor_faults() - faults_start
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     device = jax.devices()[0]
     device_stats = device.memory_stats() or {}
@@ -335,6 +346,8 @@ def measure_ldjax(job: dict[str, Any]) -> dict[str, Any]:
         "warmup_seconds": times[:int(job["warmup"])],
         "losses": losses,
         "cpu_seconds": cpu_seconds,
+        "minor_faults": minor_faults,
+        "host_malloc": host_memory.status(),
         "num_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
         "peak_rss_bytes": peak_rss,
         "rss_start_bytes": rss_start,
@@ -390,6 +403,7 @@ def run_measurement(runner: Runner, job: dict[str, Any], config: Config, torch_p
     job_file = scratch / f"job-{runner.name}-{job['objective']}.json"
     job_file.write_text(json.dumps(job))
     env = dict(os.environ)
+    env.update(runner.env)
     if runner.is_ldjax:
         flags = runner.xla_flags
         if runner.num_devices > 1 and config.device == "cpu":
@@ -419,6 +433,8 @@ def summarise(result: dict[str, Any], tokens_per_step: int, flops_per_step: floa
         "rss_growth_mib": (result["peak_rss_bytes"] - result["rss_start_bytes"]) / 2**20,
         # CPU seconds per wall second over the timed steps: how many cores the step kept busy.
         "cores_busy": result["cpu_seconds"] / sum(result["step_seconds"]),
+        "minor_faults_per_step": (None if result.get("minor_faults") is None
+                                  else result["minor_faults"] / len(result["step_seconds"])),
     }
     out["mfu"] = None if peak is None else flops_per_step / median / peak
     return out
@@ -560,9 +576,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append("")
     for objective in cfg["objectives"]:
         lines += [f"## {objective.upper()} step", "",
-                  "| size | runner | median ms | tokens/s | × torch | cores busy | peak RSS MiB | +RSS MiB "
-                  "| XLA temp MiB | GFLOP/s | MFU | loss₀ | \\|Δloss\\| |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| size | runner | median ms | tokens/s | × torch | cores busy | page faults/step | peak RSS MiB "
+                  "| +RSS MiB | XLA temp MiB | GFLOP/s | MFU | loss₀ | \\|Δloss\\| |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for cell in report["cells"]:
             if cell["objective"] != objective:
                 continue
@@ -570,7 +586,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"| {cell['size']} | {cell['runner']} | {cell['median_step_s'] * 1e3:.1f} | {cell['tokens_per_s']:,.0f} "
                 f"| {_fmt(cell['speed_vs_torch'], '.2f')} | {cell['cores_busy']:.2f} "
-                f"| {cell['peak_rss_mib']:.0f} | {cell['rss_growth_mib']:.0f} "
+                f"| {_fmt(cell.get('minor_faults_per_step'), ',.0f')} | {cell['peak_rss_mib']:.0f} | {cell['rss_growth_mib']:.0f} "
                 f"| {_fmt(None if xla is None else xla['temp_bytes'] / 2**20, '.1f')} "
                 f"| {cell['achieved_tflops'] * 1e3:.1f} | {_fmt(cell['mfu'], '.1%')} "
                 f"| {cell['raw']['losses'][0]:.4f} | {_fmt(cell['max_loss_gap_vs_torch'], '.1e')} |")

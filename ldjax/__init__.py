@@ -15,3 +15,9 @@ environment (jax 0.5.3, no flax).
 """
 
 __version__ = "0.1.0"
+
+# Before JAX creates XLA's threads: keep XLA:CPU's per-step scratch memory mapped (see
+# ldjax.host_memory; LDJAX_HOST_MALLOC=system opts out).
+from ldjax import host_memory as _host_memory
+
+_host_memory.retain_freed_memory()
