@@ -155,13 +155,13 @@ class Config:
     sizes: tuple[str, ...] = field(default=("100k", "1m", "4m"), metadata={"help": f"model sizes, of {sorted(SIZES)}"})
     objectives: tuple[str, ...] = field(default=("sft", "dpo"), metadata={"help": "train steps to time: sft, dpo"})
     runners: tuple[str, ...] = field(
-        default=("ldjax", "ldjax-mesh2", "torch", "torch-1thread"),
+        default=("ldjax", "ldjax-system-malloc", "torch", "torch-retain-malloc"),
         metadata={"help": f"implementations timed at every size, of {sorted(RUNNERS)}"})
     extra_runners: tuple[str, ...] = field(
-        default=("ldjax-1thread", "ldjax-mesh2-1thread", "torch-math-attn", "hf"),
-        metadata={"help": "implementations timed only at the largest size (XLA flag and attention variants)"})
+        default=("ldjax-mesh2", "torch-1thread", "torch-math-attn", "hf"),
+        metadata={"help": "implementations timed only at the largest size (device, thread and attention variants)"})
     xla_flag_trials: tuple[str, ...] = field(
-        default=("--xla_cpu_use_onednn=true", "--xla_cpu_use_xnnpack=true"),
+        default=(),
         metadata={"help": "extra XLA_FLAGS sets tried at the largest size, each on the 2-device mesh"})
     arch: str = field(default="gpt_neox", metadata={"help": "gpt_neox (Pythia-like) or qwen2"})
     warmup: int = field(default=3, metadata={"help": "untimed steps first (compilation, allocator warm-up)"})
@@ -504,7 +504,7 @@ def main(config: Config) -> dict[str, Any]:
             peak = peak_flops(result.get("device_name", ""), config.peak_tflops) if config.device == "gpu" else (
                 config.peak_tflops * 1e12 if config.peak_tflops > 0 else None)
             cells.append({"size": size_name, "objective": objective, "runner": runner.name, "label": runner.label,
-                          "impl": runner.impl, "xla_flags": runner.xla_flags,
+                          "impl": runner.impl, "xla_flags": runner.xla_flags, "env": dict(runner.env),
                           "tokens_per_step": tokens, "model_flops_per_step": flops,
                           **summarise(result, tokens, flops, peak), "raw": result,
                           "repeat_medians_s": [statistics.median(r["step_seconds"]) for r in repeats]})
@@ -566,7 +566,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "gap to torch's loss over all steps of the run (same start, same updates ⇒ small). `cores busy` is "
         "the process's CPU time (all threads) over the wall time of the timed steps. Peak RSS is "
         "the process high-water mark (`getrusage`), `+RSS` its growth after imports; `XLA temp` is the "
-        "compiled step's scratch memory from `memory_analysis()`.",
+        "compiled step's scratch memory from `memory_analysis()`. `page faults/step` counts minor faults "
+        "(`getrusage`) over the timed steps: memory the allocator handed out freshly mapped. `import ldjax` "
+        "sets glibc malloc to keep freed memory (`ldjax.host_memory`), so XLA's per-step scratch buffer is "
+        "reused instead of being faulted in again every step; `ldjax-system-malloc` shows ldjax without it and "
+        "`torch-retain-malloc` gives torch the same glibc settings.",
         "",
     ]
     for size_name, size in report["sizes"].items():
@@ -592,15 +596,16 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"| {cell['raw']['losses'][0]:.4f} | {_fmt(cell['max_loss_gap_vs_torch'], '.1e')} |")
         lines.append("")
     lines += ["## Runners", ""]
-    labels = {c["runner"]: (c["label"], c["xla_flags"]) for c in report["cells"]}
+    labels = {c["runner"]: (c["label"], c["xla_flags"], c.get("env", {})) for c in report["cells"]}
     lines += [f"- `{name}`: {label}" + (f" (`XLA_FLAGS={flags}`)" if flags else "")
-              for name, (label, flags) in labels.items()]
+              + "".join(f" (`{key}={value}`)" for key, value in env.items())
+              for name, (label, flags, env) in labels.items()]
     lines += ["", "## Observations (computed from the table)", ""] + observations(report) + [""]
     return "\n".join(lines)
 
 
 def observations(report: dict[str, Any]) -> list[str]:
-    """Sentences derived from the numbers: best ldjax runner vs torch per cell, mesh speed-up."""
+    """Sentences derived from the numbers: ldjax vs torch per cell, the allocator's effect, mesh speed-up."""
     out = []
     cells = report["cells"]
     for objective in report["config"]["objectives"]:
@@ -611,12 +616,21 @@ def observations(report: dict[str, Any]) -> list[str]:
                              default=None)
             if not ours or torch_best is None:
                 continue
-            best = max(ours, key=lambda c: c["tokens_per_s"])
-            ratio = best["tokens_per_s"] / torch_best["tokens_per_s"]
-            verdict = "faster than" if ratio > 1.02 else ("as fast as" if ratio >= 0.98 else "SLOWER than")
-            out.append(f"- {objective.upper()} {size}: best ldjax (`{best['runner']}`, "
-                       f"{best['median_step_s'] * 1e3:.1f} ms) is {verdict} the best torch "
-                       f"(`{torch_best['runner']}`, {torch_best['median_step_s'] * 1e3:.1f} ms): ×{ratio:.2f}.")
+            default = next((c for c in here if c["runner"] == "ldjax"), None)
+            torch_default = next((c for c in here if c["runner"] == "torch"), None)
+            if default and torch_default:
+                ratio = default["tokens_per_s"] / torch_default["tokens_per_s"]
+                verdict = "faster than" if ratio > 1.02 else ("as fast as" if ratio >= 0.98 else "SLOWER than")
+                out.append(f"- {objective.upper()} {size}: `ldjax` ({default['median_step_s'] * 1e3:.1f} ms) is {verdict} "
+                           f"`torch` ({torch_default['median_step_s'] * 1e3:.1f} ms): ×{ratio:.2f}; against the fastest "
+                           f"torch variant (`{torch_best['runner']}`, {torch_best['median_step_s'] * 1e3:.1f} ms): "
+                           f"×{default['tokens_per_s'] / torch_best['tokens_per_s']:.2f}.")
+            system = next((c for c in here if c["runner"] == "ldjax-system-malloc"), None)
+            if default and system and system.get("minor_faults_per_step") is not None:
+                out.append(f"  With glibc's defaults (`ldjax-system-malloc`) XLA's scratch buffer is faulted in afresh "
+                           f"every step ({system['minor_faults_per_step']:,.0f} page faults/step against "
+                           f"{default['minor_faults_per_step']:,.0f}) and the step takes "
+                           f"×{system['median_step_s'] / default['median_step_s']:.2f} as long.")
             single = next((c for c in here if c["runner"] == "ldjax"), None)
             mesh = next((c for c in here if c["runner"] == "ldjax-mesh2"), None)
             if single and mesh:
