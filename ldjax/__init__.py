@@ -9,6 +9,8 @@ Where things live:
 - ``ldjax.models``    NNX models: vision nets, causal transformers, Hugging Face import
 - ``ldjax.data``      MNIST (embedded and IDX), preference JSONL, the embedded world
 - ``ldjax.train``     jit-compiled train steps, optimizers, sharding, checkpoints
+- ``ldjax.host_memory`` glibc malloc settings (applied on import) that keep XLA:CPU's per-step
+  scratch buffer mapped between steps instead of faulting it in afresh every step
 
 Submodules are imported on demand so that ``ldjax.ntk`` runs in the neural-tangents oracle
 environment (jax 0.5.3, no flax).

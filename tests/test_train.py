@@ -340,6 +340,21 @@ def test_preference_objective_matches_losses_on_hand_computed_logps(loss_type):
     np.testing.assert_allclose(float(metrics["logps/chosen"]), chosen.mean(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("concatenate", [True, False, None])
+@pytest.mark.parametrize("average", [False, True])
+def test_policy_logps_one_or_two_forward_passes_match_hand_computed(concatenate, average):
+    model = tiny_lm()
+    data = preference_arrays()
+    chosen, rejected = nnx.jit(lambda m, b: objectives.policy_logps(m, b, average=average, concatenate=concatenate))(
+        model, {k: jnp.asarray(v) for k, v in data.items()})
+    for side, got in (("chosen", chosen), ("rejected", rejected)):
+        expected = logps_by_hand(model, data[f"{side}_input_ids"], data[f"{side}_attention_mask"], data[f"{side}_loss_mask"])
+        if average:
+            expected = expected / data[f"{side}_loss_mask"][:, 1:].sum(1)
+        assert got.shape == (8,)
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_reference_logps_once_on_a_mesh_with_a_ragged_last_chunk():
     model = tiny_lm()
     graphdef, params, rest = steps.split_model(model)

@@ -54,8 +54,25 @@ def sft_objective(reduction: str = "sum") -> Callable:
     return loss_fn
 
 
-def policy_logps(model, batch: Batch, *, average: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(chosen, rejected) summed response log-probs (B,), from one forward pass over both sides."""
+def policy_logps(model, batch: Batch, *, average: bool = False,
+                 concatenate: bool | None = None) -> tuple[jax.Array, jax.Array]:
+    """(chosen, rejected) summed (or length-averaged) response log-probs, each (B,).
+
+    Args:
+      model: ``model(input_ids, attention_mask) -> logits``.
+      batch: ``{chosen,rejected}_{input_ids,attention_mask,loss_mask}``, each (B, T).
+      average: length-averaged log-probs (SimPO).
+      concatenate: one forward pass over all 2B sequences (TRL's ``concatenated_forward``), or
+        one pass per side. ``None`` picks per backend: two passes on CPU, where XLA runs the
+        two independent passes on separate threads (3-5 % faster DPO steps at 1M-4M
+        parameters, ``benchmarks/train``), one pass elsewhere. Values agree to float round-off.
+    """
+    if concatenate is None:
+        concatenate = jax.default_backend() != "cpu"
+    if not concatenate:
+        return tuple(losses.sequence_logps(_forward(model, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]),
+                                           batch[f"{side}_input_ids"], batch[f"{side}_loss_mask"], average=average)
+                     for side in ("chosen", "rejected"))
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     att = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
