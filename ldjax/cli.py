@@ -228,8 +228,8 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, te
             def prepare_fn(p, batch, key, ref_params):
                 policy = nnx.merge(graphdef, p, rest)
                 reference = nnx.merge(graphdef, ref_params, rest)
-                return sampling.on_policy_batch(
-                    lambda i, m: policy(i, m), lambda i, m: reference(i, m), batch, key, mode=config.on_policy,
+                return sampling.on_policy_batch(  # the models themselves: sampling uses their KV cache
+                    policy, reference, batch, key, mode=config.on_policy,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
                     eos_id=eos, pad_id=pad)
 

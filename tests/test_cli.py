@@ -48,6 +48,18 @@ def test_pretrain_sft_dpo_chain(tmp_path):
     assert (saved["loss_type"], saved["beta"], saved["command"]) == ("ipo", 0.2, "dpo")
 
 
+@pytest.mark.slow  # one compile of a step that samples 2 x 8 tokens with the KV cache
+def test_on_policy_dpo_samples_both_sides_inside_the_step(tmp_path):
+    assert cli.main(["dpo", *TINY, "--on-policy", "both", "--max-new-tokens", "8", "--num-steps", "2",
+                     "--out", str(tmp_path / "op")]) == 0
+    lines = read_metrics(tmp_path / "op")
+    assert [l["step"] for l in lines] == [1, 2]
+    # The reference log-probs of the sampled responses are recomputed in the step, so at step 1
+    # (policy = reference) both rewards are zero.
+    assert all(np.isfinite(l["loss"]) and np.isfinite(l["logps/rejected"]) for l in lines)
+    assert abs(lines[0]["rewards/chosen"]) < 1e-4 and abs(lines[0]["rewards/rejected"]) < 1e-4
+
+
 def test_data_flag_reads_jsonl_and_reports_bad_lines(tmp_path):
     rows = [{"prompt": f"question {i} about cats ?", "chosen": f"a good answer number {i} .", "rejected": f"bad {i}"}
             for i in range(10)]

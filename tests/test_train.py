@@ -426,6 +426,27 @@ def test_top1_sampling_is_greedy_and_stops_at_eos():
     np.testing.assert_array_equal(np.asarray(out_eos["input_ids"][0, 4:]), [0, 0, 0, 0])
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+def test_kv_cached_sampling_draws_the_tokens_of_full_recomputation(arch):
+    """The same key gives the same samples whether each token reruns the model on the whole
+    buffer (a plain callable) or decodes with the KV cache (the model itself); with EOS too."""
+    cfg = TransformerConfig.tiny(arch, vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2 if arch == "qwen2" else None,
+                                 intermediate_size=32, initializer_range=0.5)
+    model = CausalLM(cfg, rngs=nnx.Rngs(4), dtype=jnp.float32, param_dtype=jnp.float32)
+    assert sampling.has_kv_cache(model) and not sampling.has_kv_cache(lambda i, m: model(i, m))
+    prompts = jnp.asarray(np.random.default_rng(0).integers(0, V, (6, 5)), jnp.int32)
+    lengths = jnp.array([1, 5, 3, 2, 4, 5])
+    kw = dict(max_new_tokens=7, temperature=1.3, top_k=0, eos_id=3, pad_id=0)
+    run = nnx.jit(lambda m, k, cached: sampling.sample_continuations(m if cached else (lambda i, a: m(i, a)),
+                                                                     prompts, lengths, k, **kw), static_argnums=2)
+    for seed in range(3):
+        key = jax.random.PRNGKey(seed)
+        cached, full = run(model, key, True), run(model, key, False)
+        for name in ("input_ids", "attention_mask", "loss_mask"):
+            np.testing.assert_array_equal(np.asarray(cached[name]), np.asarray(full[name]), err_msg=name)
+    assert np.asarray(cached["loss_mask"]).sum() > 6  # the rows really generated
+
+
 def test_on_policy_batch_keeps_chosen_and_scores_samples_with_the_reference():
     policy, reference = tiny_lm(0), tiny_lm(1)
     d = {k: jnp.asarray(v) for k, v in preference_arrays(n=4).items()}

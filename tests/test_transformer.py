@@ -340,3 +340,31 @@ def test_sequence_longer_than_max_positions_is_refused_even_under_jit():
         model(jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="T=7 exceeds"):  # T is static, so jit cannot hide it
         nnx.jit(lambda m, x: m(x))(model, jnp.zeros((1, 7), jnp.int32))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "qwen2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_kv_cached_decoding_equals_the_full_forward(arch, dtype):
+    """prefill + decode token by token, rows at different positions (ragged prompts), gives the
+    logits of the full forward pass on the grown sequences; float64 to 1e-12, float32 to 2e-5."""
+    config = TransformerConfig.tiny(arch, vocab_size=V, hidden_size=32, intermediate_size=64, initializer_range=0.2)
+    model = CausalLM(config, rngs=nnx.Rngs(3), dtype=dtype, param_dtype=dtype)
+    lengths = np.array([2, 5, 3])
+    new = 4
+    L = int(lengths.max()) + new
+    full = np.asarray(random_ids(11, (3, L)))   # the sequences the decode steps will have written
+    prompts = np.where(np.arange(L)[None] < lengths[:, None], full, 0)
+    logits0, cache = nnx.jit(lambda m, i, a: m.prefill(i, a))(
+        model, jnp.asarray(prompts, jnp.int32), jnp.asarray(np.arange(L)[None] < lengths[:, None], jnp.int32))
+    expected = np.asarray(forward(model, jnp.asarray(full, jnp.int32)), np.float64)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == jnp.float64 else dict(rtol=2e-5, atol=2e-5)
+    rows = np.arange(3)
+    np.testing.assert_allclose(np.asarray(logits0)[rows, lengths - 1], expected[rows, lengths - 1], **tol)
+    decode = nnx.jit(lambda m, t, c, kv: m.decode(t, c, kv))
+    for i in range(new):
+        cursor = lengths + i
+        step_logits, cache = decode(model, jnp.asarray(full[rows, cursor], jnp.int32), jnp.asarray(cursor), cache)
+        assert step_logits.shape == (3, V)
+        np.testing.assert_allclose(np.asarray(step_logits), expected[rows, cursor], **tol)
+    k0, v0 = cache[0]
+    assert k0.shape == (3, L, model.config.num_kv_heads, model.config.head_dim) and v0.shape == k0.shape

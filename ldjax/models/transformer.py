@@ -34,6 +34,9 @@ from flax import nnx
 
 ARCHITECTURES = ("gpt_neox", "qwen2")
 
+# Per layer (keys, values), each (B, L, kv_heads, head_dim): what decoding one token at a time reuses.
+KVCache = tuple[jax.Array, jax.Array]
+
 def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact GELU ``x · Φ(x) = x/2 · (1 + erf(x/√2))`` (Hendrycks & Gimpel 2016), torch's formula.
 
@@ -288,11 +291,12 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
     Args:
       x: (B, T, heads, head_dim).
-      cos, sin: (T, rotary_dim).
+      cos, sin: (T, rotary_dim) shared by every row, or (B, T, rotary_dim) per row (decoding,
+        where each row sits at its own position).
     """
     rotary_dim = cos.shape[-1]
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    cos, sin = cos[:, None, :].astype(x.dtype), sin[:, None, :].astype(x.dtype)
+    cos, sin = cos[..., None, :].astype(x.dtype), sin[..., None, :].astype(x.dtype)
     x_rot = x_rot * cos + rotate_half(x_rot) * sin
     return jnp.concatenate([x_rot, x_pass], axis=-1)
 
@@ -401,25 +405,33 @@ class Attention(nnx.Module):
         self.v_proj = _dense(config, d, config.num_kv_heads * dh, config.qkv_bias, **kw)
         self.o_proj = _dense(config, config.num_heads * dh, d, config.out_bias, **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x (B, T, D), cos/sin (T, rotary_dim), mask (B, 1, T, T) bool -> (B, T, D)."""
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x (B, T, D) -> q (B, T, H, head_dim) and k, v (B, T, kv_heads, head_dim), RoPE applied."""
         b, t, _ = x.shape
-        groups = self.num_heads // self.num_kv_heads
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """q (B, S, H, hd), k/v (B, L, kv_heads, hd), mask (B, 1, S, L) bool -> (B, S, D)."""
+        b, s = q.shape[:2]
+        groups = self.num_heads // self.num_kv_heads
         if groups > 1:
-            # Query head h reads kv head h // G. Repeating k/v costs (B, T, H, head_dim) memory,
-            # small beside the (B, H, T, T) scores, and keeps every attention dot 4-D: XLA CPU
+            # Query head h reads kv head h // G. Repeating k/v costs (B, L, H, head_dim) memory,
+            # small beside the (B, H, S, L) scores, and keeps every attention dot 4-D: XLA CPU
             # ran the grouped 5-D einsums ~1.3x slower, forward and backward.
             k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (self.head_dim ** -0.5)
         scores = scores.astype(jnp.promote_types(scores.dtype, jnp.float32))  # bf16 -> f32, f64 stays
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, self.num_heads * self.head_dim)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, s, self.num_heads * self.head_dim)
         return self.o_proj(out)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        """x (B, T, D), cos/sin (T, rotary_dim), mask (B, 1, T, T) bool -> (B, T, D)."""
+        return self.attend(*self.qkv(x, cos, sin), mask)
 
 
 class DenseMLP(nnx.Module):
@@ -461,11 +473,26 @@ class Block(nnx.Module):
         self.parallel_residual = config.parallel_residual
 
     def __call__(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        attn_out = self.attn(self.input_norm(h), cos, sin, mask)
+        return self.forward(h, cos, sin, mask)[0]
+
+    def forward(self, h: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+                cursor: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """The block on h (B, S, D); also returns this layer's keys and values.
+
+        Without ``cache``: k, v are those of the S positions. With ``cache`` (k, v), each
+        (B, L, kv_heads, head_dim), and ``cursor`` (B,): S = 1, the new token's k, v are written
+        at ``cache[b, cursor[b]]`` and attention runs over the whole cache (``mask`` (B, 1, 1, L)).
+        """
+        q, k, v = self.attn.qkv(self.input_norm(h), cos, sin)
+        if cache is not None:
+            rows = jnp.arange(h.shape[0])
+            k = cache[0].at[rows, cursor].set(k[:, 0])
+            v = cache[1].at[rows, cursor].set(v[:, 0])
+        attn_out = self.attn.attend(q, k, v, mask)
         if self.parallel_residual:
-            return h + attn_out + self.mlp(self.post_attention_norm(h))
+            return h + attn_out + self.mlp(self.post_attention_norm(h)), (k, v)
         h = h + attn_out
-        return h + self.mlp(self.post_attention_norm(h))
+        return h + self.mlp(self.post_attention_norm(h)), (k, v)
 
 
 class CausalLM(nnx.Module):
@@ -505,17 +532,7 @@ class CausalLM(nnx.Module):
             NaN logits, so the data pipeline checks them (``ldjax.data.tokenize`` functions
             take ``vocab_size``).
         """
-        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-            raise ValueError(f"CausalLM: input_ids must be an integer array (B, T), got {input_ids.dtype} "
-                             f"{tuple(input_ids.shape)}")
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-            raise ValueError(f"CausalLM: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"CausalLM: sequence length T={input_ids.shape[1]} exceeds the model's "
-                             f"max_position_embeddings={self.config.max_position_embeddings}")
-        if not isinstance(input_ids, jax.core.Tracer):
-            check_token_ids(input_ids, self.config.vocab_size)
+        self._check_inputs(input_ids, attention_mask)
         b, t = input_ids.shape
         cos, sin = rotary_cos_sin(jnp.arange(t), self.config.rotary_dim, self.config.rope_theta)
         mask = attention_mask_4d(attention_mask, b, t)
@@ -528,7 +545,71 @@ class CausalLM(nnx.Module):
         h = self.embed(input_ids)
         for block in self.layers:
             h = run_block(block, h)
+        return self._logits(h)
+
+    def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
+        """Like ``__call__``, and also returns every layer's (keys, values) for :meth:`decode`.
+
+        Args:
+          input_ids: (B, L) int: the prompts, right-padded to the buffer length L that decoding
+            will fill (L = the longest prompt + the tokens to generate).
+          attention_mask: (B, L), 1 on each prompt.
+
+        Returns:
+          logits (B, L, V) and a list (one per layer) of (k, v), each (B, L, kv_heads, head_dim).
+        """
+        self._check_inputs(input_ids, attention_mask)
+        b, t = input_ids.shape
+        cos, sin = rotary_cos_sin(jnp.arange(t), self.config.rotary_dim, self.config.rope_theta)
+        mask = attention_mask_4d(attention_mask, b, t)
+        h, cache = self.embed(input_ids), []
+        for block in self.layers:
+            h, kv = block.forward(h, cos, sin, mask)
+            cache.append(kv)
+        return self._logits(h), cache
+
+    def decode(self, token_ids: jax.Array, cursor: jax.Array, cache: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
+        """One decoding step: token ``token_ids[b]`` at position ``cursor[b]`` of row b.
+
+        Every position before ``cursor[b]`` must hold row b's real tokens in ``cache`` (from
+        :meth:`prefill` or earlier steps): the new token attends to positions ``<= cursor[b]``.
+        The logits equal those of ``__call__`` on the whole sequence at that position, up to
+        float round-off (tested), at O(L) instead of O(L^2) cost per token.
+
+        Args:
+          token_ids: (B,) int.
+          cursor: (B,) int, each < L.
+          cache: from :meth:`prefill` or the previous :meth:`decode`.
+
+        Returns:
+          next-token logits (B, V) and the cache with this token's keys and values written in.
+        """
+        length = cache[0][0].shape[1]
+        cursor = cursor.astype(jnp.int32)
+        cos, sin = rotary_cos_sin(cursor, self.config.rotary_dim, self.config.rope_theta)  # (B, rotary_dim)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # (B, 1, rotary_dim): each row at its own position
+        mask = (jnp.arange(length)[None, :] <= cursor[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        h, new_cache = self.embed(token_ids[:, None]), []
+        for block, kv in zip(self.layers, cache):
+            h, kv = block.forward(h, cos, sin, mask, cache=kv, cursor=cursor)
+            new_cache.append(kv)
+        return self._logits(h)[:, 0], new_cache
+
+    def _logits(self, h: jax.Array) -> jax.Array:
         h = self.final_norm(h)
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         # float32 for float32/bfloat16 compute; float64 compute (exactness checks) keeps float64.
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+    def _check_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> None:
+        if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+            raise ValueError(f"CausalLM: input_ids must be an integer array (B, T), got {input_ids.dtype} "
+                             f"{tuple(input_ids.shape)}")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"CausalLM: attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"CausalLM: sequence length T={input_ids.shape[1]} exceeds the model's "
+                             f"max_position_embeddings={self.config.max_position_embeddings}")
+        if not isinstance(input_ids, jax.core.Tracer):
+            check_token_ids(input_ids, self.config.vocab_size)
