@@ -100,6 +100,10 @@ def split_by_class(labels: np.ndarray, train_per_class: int, observed_per_class:
     return np.concatenate(train), np.concatenate(held), np.concatenate(observed)
 
 
+def _ratio_text(ratio: float | None, count: int) -> str:
+    return f"{'–' if ratio is None else f'{ratio:.2f}'} ({count} examples)"
+
+
 def make_model(config: Config) -> nnx.Module:
     rngs = nnx.Rngs(config.seed)
     if config.model == "lenet":
@@ -274,9 +278,16 @@ def write_report(out: pathlib.Path, config: Config, results: dict[str, Any], fig
         f"–{max(e['relative_error'] for e in results['relative_error_per_analysed_step']):.3g} "
         f"(largest |actual Δ log π| per step up to "
         f"{max(e['max_abs_actual'] for e in results['relative_error_per_analysed_step']):.3g} nats)",
-        f"- at the trained parameters (last analysed batch) the gap ‖pred − actual‖ for η, η/2, η/4, η/8: "
+        f"- at the trained parameters (last analysed batch) the gap ‖pred − actual‖ for η, η/2, …, η/64: "
         f"{', '.join(f'{g:.3g}' for g in results['final_gap_norms'])}; ratios for halving η "
         f"{', '.join(f'{r:.2f}' for r in results['final_gap_ratios_halving_lr'])} (4 = pure O(η²))",
+        "- the same ratios split by whether the larger step changes an observed example's activation pattern "
+        "(ReLU on/off, max-pool winners): pattern held "
+        + ", ".join(_ratio_text(k["ratio_pattern_held"], k["examples_pattern_held"])
+                    for k in results["final_gap_ratios_by_activation_pattern"])
+        + "; pattern changed "
+        + ", ".join(_ratio_text(k["ratio_pattern_changed"], k["examples_pattern_changed"])
+                    for k in results["final_gap_ratios_by_activation_pattern"]),
         f"- per-class terms add up to the whole step's prediction: max |Σ_c (n_c/B) Δ_c − Δ| = "
         f"{results['class_sum_max_abs_error']:.3g}",
         f"- explicit A·K·G (`decompose`) vs implicit route (`predicted_change_sgd`): max abs difference "
@@ -421,17 +432,34 @@ def _run(config: Config) -> dict[str, Any]:
         apply_fn, p, xo, xu, yu, lr=config.lr))(p_a, x_obs_a[sub], x_b[:8], y_b[:8])
     decompose_err = float(jnp.max(jnp.abs(dec.predicted - implicit)))
 
-    # At the trained parameters, on the last analysed batch: the gap should scale as η².
+    # At the trained parameters, on the last analysed batch: the gap should scale as η². ReLU and
+    # max-pool kinks add an O(η) part for the observed examples whose activation pattern the
+    # step changes; the examples whose pattern holds should show the pure η² ratio of 4.
+    shape_model = make_model(config)  # only its structure: the parameters are p_a
+    pattern_fn = (functional(shape_model, method="activation_pattern")[0]
+                  if hasattr(shape_model, "activation_pattern") else None)
+
     def gap(lr):
         grads = jax.grad(dynamics.cross_entropy_loss, argnums=1)(apply_fn, p_a, x_b, y_b)
         new_p = jax.tree.map(lambda a, g: a - lr * g, p_a, grads)
         pred = dynamics.predicted_change_sgd(apply_fn, p_a, x_obs_a, x_b, y_b, lr=lr)
-        return jnp.linalg.norm(pred - dynamics.actual_change(apply_fn, p_a, new_p, x_obs_a))
+        per_example = jnp.sum((pred - dynamics.actual_change(apply_fn, p_a, new_p, x_obs_a)) ** 2, axis=-1)
+        crossed = (jnp.any(pattern_fn(p_a, x_obs_a) != pattern_fn(new_p, x_obs_a), axis=1) if pattern_fn
+                   else jnp.zeros(per_example.shape, bool))
+        return per_example, crossed
 
     gap = jax.jit(gap)
-    lrs = [config.lr / 2 ** i for i in range(4)]
-    gaps = [float(gap(lr)) for lr in lrs]
+    lrs = [config.lr / 2 ** i for i in range(7)]  # down to η/64, where most patterns hold
+    per_lr = [tuple(np.asarray(a) for a in gap(lr)) for lr in lrs]
+    gaps = [float(np.sqrt(sq.sum())) for sq, _ in per_lr]
     gap_ratios = [a / b for a, b in zip(gaps[:-1], gaps[1:])]
+    # Per halving: the examples whose pattern neither step changed, and those the larger one did.
+    kink_split = []
+    for (sq_a, cross_a), (sq_b, cross_b) in zip(per_lr[:-1], per_lr[1:]):
+        held, crossed = ~cross_a & ~cross_b, cross_a
+        ratio = lambda m: float(np.sqrt(sq_a[m].sum() / sq_b[m].sum())) if m.any() else None  # noqa: E731
+        kink_split.append({"examples_pattern_held": int(held.sum()), "examples_pattern_changed": int(crossed.sum()),
+                           "ratio_pattern_held": ratio(held), "ratio_pattern_changed": ratio(crossed)})
 
     ntk_sub = np.concatenate([np.flatnonzero(y_obs == c)[:config.ntk_per_class] for c in range(NUM_CLASSES)])
     kernel = np.asarray(empirical_ntk(apply_fn, p_a, x_obs_a[ntk_sub], None, batch_size=config.ntk_batch_size))
@@ -462,6 +490,7 @@ def _run(config: Config) -> dict[str, Any]:
         "final_gap_learning_rates": lrs,
         "final_gap_norms": gaps,
         "final_gap_ratios_halving_lr": gap_ratios,
+        "final_gap_ratios_by_activation_pattern": kink_split,
         "class_sum_max_abs_error": class_sum_err,
         "decompose_vs_implicit_max_abs": decompose_err,
         "decompose_max_abs_predicted": float(jnp.max(jnp.abs(implicit))),

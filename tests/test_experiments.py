@@ -87,6 +87,10 @@ def _check_mnist(out, results, num_analysed):
     # First order: the prediction tracks the actual step, and the gap shrinks faster than η.
     assert results["pearson_predicted_actual"] > 0.9
     assert all(r > 2.0 for r in results["final_gap_ratios_halving_lr"]), results["final_gap_ratios_halving_lr"]
+    # Where the step leaves an example's ReLU/max-pool pattern unchanged, the gap is pure O(η²).
+    held = [k["ratio_pattern_held"] for k in results["final_gap_ratios_by_activation_pattern"]
+            if k["examples_pattern_held"] >= 5]
+    assert held and all(3.6 <= r <= 4.4 for r in held), results["final_gap_ratios_by_activation_pattern"]
     for key in ("influence_prob_update_class", "influence_own_label", "ntk_class_similarity"):
         assert np.asarray(results[key]).shape == (10, 10)
     sim = np.asarray(results["ntk_class_similarity"])

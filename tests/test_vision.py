@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -93,3 +94,72 @@ def test_functional_apply_is_differentiable(cls):
     analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
     np.testing.assert_allclose(analytic, fd, rtol=1e-6)
     assert all(jnp.any(g != 0) for g in jax.tree.leaves(grads))
+
+
+def test_lenet_activation_pattern_equals_a_numpy_recount():
+    """ReLU signs and 2×2 max-pool winners, recomputed with lax convolutions and NumPy argmax."""
+    model = LeNet(rngs=nnx.Rngs(2), param_dtype=jnp.float64)
+    x = _images(3, seed=4, dtype=jnp.float64)[..., None] - 0.5
+
+    def conv(h, c, padding):
+        return jax.lax.conv_general_dilated(h, c.kernel[...], (1, 1), padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC")) + c.bias[...]
+
+    def winners(r):
+        r = np.asarray(r)
+        n, hh, ww, c = r.shape
+        out = np.zeros((n, hh // 2, ww // 2, c, 4), bool)
+        for i in range(hh // 2):
+            for j in range(ww // 2):
+                window = np.stack([r[:, 2 * i, 2 * j], r[:, 2 * i, 2 * j + 1], r[:, 2 * i + 1, 2 * j],
+                                   r[:, 2 * i + 1, 2 * j + 1]], axis=-1)  # (n, c, 4), row-major
+                np.put_along_axis(out[:, i, j], window.argmax(-1)[..., None], True, axis=-1)
+        return out
+
+    parts, h = [], x
+    for c, padding in ((model.conv1, "SAME"), (model.conv2, "VALID")):
+        a = conv(h, c, padding)
+        r = jax.nn.relu(a)
+        parts += [np.asarray(a > 0), winners(r)]
+        h = jax.lax.reduce_window(r, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    h = h.reshape(3, -1)
+    for layer in list(model.dense)[:-1]:
+        a = h @ layer.kernel[...] + layer.bias[...]
+        parts.append(np.asarray(a > 0))
+        h = jax.nn.relu(a)
+    expected = np.concatenate([p.reshape(3, -1) for p in parts], axis=1)
+    got = np.asarray(model.activation_pattern(x))
+    assert got.dtype == np.bool_ and got.shape == expected.shape == (3, 28 * 28 * 6 * 2 + 10 * 10 * 16 * 2 + 120 + 84)
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < got.mean() < 1  # a real mixture of on and off units
+
+
+@pytest.mark.parametrize("cls, degree", [(MLP, 3), (LeNet, 5)])
+def test_logits_are_a_polynomial_along_a_step_while_the_pattern_holds(cls, degree):
+    """With the activation pattern fixed, the logits along p + t·d are a polynomial in t of degree
+    ≤ the number of weight layers: a fit through degree + 1 points predicts the others exactly.
+    The same fit fails on a segment where the pattern changes (a kink)."""
+    model = cls(rngs=nnx.Rngs(5), param_dtype=jnp.float64)
+    apply_fn, params = functional(model)
+    pattern_fn, _ = functional(model, method="activation_pattern")
+    x = _images(2, seed=6, dtype=jnp.float64) - 0.5
+    leaves, treedef = jax.tree.flatten(params)
+    d = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(10 + i), l.shape, l.dtype) for i, l in enumerate(leaves)])
+    # A direction as long as the parameter vector itself: t is the step's relative size.
+    d = jax.tree.map(lambda v: v * (optax.tree.norm(params) / optax.tree.norm(d)), d)
+    at = jax.jit(lambda t: (apply_fn(jax.tree.map(lambda p, v: p + t * v, params, d), x),
+                            pattern_fn(jax.tree.map(lambda p, v: p + t * v, params, d), x)))
+
+    def fit_error(scale):
+        ts = np.linspace(0.0, scale, degree + 3)
+        values, patterns = zip(*(at(t) for t in ts))
+        same = all(np.array_equal(np.asarray(patterns[0]), np.asarray(p)) for p in patterns)
+        y = np.stack([np.asarray(v).ravel() for v in values])          # (points, outputs)
+        coef = np.polyfit(ts[:degree + 1], y[:degree + 1], degree)      # exact through degree + 1 points
+        pred = np.stack([np.polyval(coef[:, k], ts[degree + 1:]) for k in range(y.shape[1])], axis=1)
+        return same, float(np.max(np.abs(pred - y[degree + 1:])) / np.max(np.abs(y)))
+
+    same, err = fit_error(1e-6)
+    same_far, err_far = fit_error(0.5)
+    assert same and err < 1e-9, (same, err)
+    assert not same_far and err_far > 1e-6, (same_far, err_far)

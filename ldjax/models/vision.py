@@ -55,6 +55,15 @@ class MLP(nnx.Module):
             h = jax.nn.relu(layer(h))
         return self.layers[-1](h)
 
+    def activation_pattern(self, x: jax.Array) -> jax.Array:
+        """(N, P) bool: which hidden ReLUs are on. See :meth:`LeNet.activation_pattern`."""
+        h, parts = x.reshape(x.shape[0], -1), []
+        for layer in self.layers[:-1]:
+            a = layer(h)
+            parts.append(a > 0)
+            h = jax.nn.relu(a)
+        return jnp.concatenate(parts, axis=1)
+
 
 class LeNet(nnx.Module):
     """LeNet-5 style convolutional network for 28×28 grey images.
@@ -79,10 +88,40 @@ class LeNet(nnx.Module):
         ])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self._forward(x, record=False)[0]
+
+    def activation_pattern(self, x: jax.Array) -> jax.Array:
+        """(N, P) bool: the on/off state of every ReLU and the winner of every 2×2 max-pool window.
+
+        While a parameter step leaves an example's pattern unchanged, its logits are a smooth
+        (polynomial) function of the parameters along the step, and the first-order (eNTK)
+        prediction errs by O(η²); a step that changes the pattern crosses a kink, where the
+        error has an O(η) part.
+        """
+        return self._forward(x, record=True)[1]
+
+    def _forward(self, x: jax.Array, record: bool) -> tuple[jax.Array, jax.Array | None]:
+        parts = []
         h = _as_nhwc(x, (28, 28))
-        h = nnx.max_pool(jax.nn.relu(self.conv1(h)), (2, 2), strides=(2, 2))
-        h = nnx.max_pool(jax.nn.relu(self.conv2(h)), (2, 2), strides=(2, 2))
+        for conv in (self.conv1, self.conv2):
+            a = conv(h)
+            r = jax.nn.relu(a)
+            if record:
+                parts += [a > 0, _pool_winners(r)]
+            h = nnx.max_pool(r, (2, 2), strides=(2, 2))
         h = h.reshape(h.shape[0], -1)
         for layer in self.dense[:-1]:
-            h = jax.nn.relu(layer(h))
-        return self.dense[-1](h)
+            a = layer(h)
+            if record:
+                parts.append(a > 0)
+            h = jax.nn.relu(a)
+        pattern = jnp.concatenate([p.reshape(p.shape[0], -1) for p in parts], axis=1) if record else None
+        return self.dense[-1](h), pattern
+
+
+def _pool_winners(r: jax.Array) -> jax.Array:
+    """(N, H, W, C) with even H, W -> (N, H/2, W/2, C, 4) bool: one-hot position of each 2×2
+    window's maximum (the first on ties, as argmax)."""
+    n, hh, ww, c = r.shape
+    windows = r.reshape(n, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, hh // 2, ww // 2, c, 4)
+    return jax.nn.one_hot(jnp.argmax(windows, axis=-1), 4, dtype=jnp.bool_)
