@@ -23,17 +23,23 @@ Measured (``benchmarks/train``, 2 cores): 1M-4M-parameter SFT/DPO steps 1.18-1.3
 cost: the process keeps its high-water mark of memory (what PyTorch's and XLA:GPU's caching
 allocators also do; a 4M-parameter DPO run holds ~1.1-1.4 GB instead of ~0.85 GB), and threads
 share one malloc arena, which made steps whose scratch stays under 32 MB (where glibc already
-reuses memory) up to ~8 % slower at 130k parameters, and the demo 5 % slower (52 s vs 49 s). It must run before XLA creates its
+reuses memory) up to ~9 % slower at 130k parameters, and the demo 5 % slower (52 s vs 49 s). It must run before XLA creates its
 threads, i.e. before the first JAX computation; ``import ldjax`` calls it, so importing ldjax
-before running JAX code is enough. Set ``LDJAX_HOST_MALLOC=system`` to keep glibc's defaults.
+before running JAX code is enough. The settings hold for the whole process (every library in
+it), so they are applied only where JAX computes on the CPU: not when ``JAX_PLATFORMS`` names
+another platform first, nor when a GPU/TPU plugin is installed and ``JAX_PLATFORMS`` does not
+ask for the CPU, nor under an ``LD_PRELOAD`` allocator (tcmalloc, jemalloc, mimalloc), which
+already keeps memory. ``LDJAX_HOST_MALLOC=system`` keeps glibc's defaults; ``=retain`` applies
+the settings even next to an accelerator plugin. :func:`status` says what happened and why.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import importlib.util
 import os
 import platform
 import sys
+import warnings
 
 ENV_VAR = "LDJAX_HOST_MALLOC"
 
@@ -43,7 +49,14 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _KEEP_BYTES = 2**31 - 1  # mallopt takes an int
 
+_MODES = ("", "retain", "system")
+# Installed packages that make JAX's default backend an accelerator.
+_ACCELERATOR_PLUGINS = ("jax_plugins", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
+_PRELOADED_ALLOCATORS = ("tcmalloc", "jemalloc", "mimalloc")
+
 _applied: bool | None = None  # None: not attempted yet
+_reason = "not attempted"
 
 
 def _backends_initialized() -> bool:
@@ -58,38 +71,63 @@ def _backends_initialized() -> bool:
     return bool(check()) if check is not None else True
 
 
+def _skip_reason() -> str | None:
+    """Why the settings must not be applied in this process, or None."""
+    mode = os.environ.get(ENV_VAR, "").strip().lower()
+    if mode not in _MODES:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected 'retain', 'system' or unset")
+    if mode == "system":
+        return f"{ENV_VAR}=system"
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return "not a glibc host"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if any(name in preload for name in _PRELOADED_ALLOCATORS):
+        return f"LD_PRELOAD allocator ({preload})"
+    platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms and platforms[0] != "cpu":
+        return f"JAX_PLATFORMS={','.join(platforms)} does not compute on the CPU first"
+    if not platforms and mode != "retain":
+        plugins = [name for name in _ACCELERATOR_PLUGINS if importlib.util.find_spec(name) is not None]
+        if plugins:
+            return f"accelerator plugin installed ({', '.join(plugins)}); set {ENV_VAR}=retain to apply anyway"
+    if _backends_initialized():
+        return "JAX's backends already exist (import ldjax before running JAX code)"
+    return None
+
+
 def retain_freed_memory() -> bool:
     """Configures glibc malloc so that XLA:CPU's per-step scratch buffer is reused, not re-mapped.
 
-    Returns True when the settings are in effect (now or from an earlier call); False on a host
-    without glibc (macOS, Windows, musl), when ``LDJAX_HOST_MALLOC=system``, or when JAX's
-    backends already exist (threads that own malloc arenas would keep them; calling it then
-    would only half-apply the settings, so it does nothing). Idempotent and cheap.
+    Returns True when the settings are in effect (now or from an earlier call), False when they
+    were not applied (see the module docstring; :func:`status` gives the reason). Warns when
+    JAX's backends already exist: XLA's threads own their malloc arenas then, and half-applied
+    settings would not help. Idempotent and cheap.
+
+    Raises:
+      ValueError: ``LDJAX_HOST_MALLOC`` is set to something other than ``retain`` or ``system``.
     """
-    global _applied
+    global _applied, _reason
     if _applied is not None:
         return _applied
-    if os.environ.get(ENV_VAR, "").strip().lower() == "system":
-        _applied = False
-        return _applied
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or _backends_initialized():
-        _applied = False
-        return _applied
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        _applied = False
-        return _applied
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success. Trim threshold first: once mmap is off, nothing freed may
-    # be handed back before it is set.
-    ok = (mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_ARENA_MAX, 1) == 1
-          and mallopt(_M_MMAP_MAX, 0) == 1)
-    _applied = ok
+    reason = _skip_reason()
+    if reason is None:
+        try:
+            mallopt = ctypes.CDLL("libc.so.6").mallopt
+            mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+            # mallopt returns 1 on success. Trim threshold first: once mmap is off, nothing freed
+            # may be handed back before it is set.
+            ok = (mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_ARENA_MAX, 1) == 1
+                  and mallopt(_M_MMAP_MAX, 0) == 1)
+            reason = None if ok else "mallopt refused a setting"
+        except (OSError, AttributeError) as err:
+            reason = f"libc.so.6 has no usable mallopt ({err})"
+    elif reason.startswith("JAX's backends"):
+        warnings.warn(f"ldjax.host_memory: glibc malloc left at its defaults because {reason}; XLA:CPU "
+                      f"will map its per-step scratch buffer afresh every step", RuntimeWarning, stacklevel=2)
+    _applied, _reason = reason is None, reason or "applied"
     return _applied
 
 
 def status() -> dict[str, object]:
     """What :func:`retain_freed_memory` did, for run metadata and benchmark tables."""
-    return {"retain_freed_memory": bool(_applied), ENV_VAR: os.environ.get(ENV_VAR, "")}
+    return {"retain_freed_memory": bool(_applied), "reason": _reason, ENV_VAR: os.environ.get(ENV_VAR, "")}

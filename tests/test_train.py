@@ -430,8 +430,9 @@ def test_top1_sampling_is_greedy_and_stops_at_eos():
 def test_kv_cached_sampling_draws_the_tokens_of_full_recomputation(arch):
     """The same key gives the same samples whether each token reruns the model on the whole
     buffer (a plain callable) or decodes with the KV cache (the model itself); with EOS too."""
-    cfg = TransformerConfig.tiny(arch, vocab_size=V, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=2 if arch == "qwen2" else None,
-                                 intermediate_size=32, initializer_range=0.5)
+    # qwen2 with grouped-query attention (4 query heads read 2 kv heads), neox with partial rotary.
+    cfg = TransformerConfig.tiny(arch, vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
+                                 num_kv_heads=2 if arch == "qwen2" else None, intermediate_size=32, initializer_range=0.5)
     model = CausalLM(cfg, rngs=nnx.Rngs(4), dtype=jnp.float32, param_dtype=jnp.float32)
     assert sampling.has_kv_cache(model) and not sampling.has_kv_cache(lambda i, m: model(i, m))
     prompts = jnp.asarray(np.random.default_rng(0).integers(0, V, (6, 5)), jnp.int32)

@@ -37,6 +37,7 @@ ARCHITECTURES = ("gpt_neox", "qwen2")
 # Per layer (keys, values), each (B, L, kv_heads, head_dim): what decoding one token at a time reuses.
 KVCache = tuple[jax.Array, jax.Array]
 
+
 def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact GELU ``x · Φ(x) = x/2 · (1 + erf(x/√2))`` (Hendrycks & Gimpel 2016), torch's formula.
 
@@ -485,6 +486,9 @@ class Block(nnx.Module):
         """
         q, k, v = self.attn.qkv(self.input_norm(h), cos, sin)
         if cache is not None:
+            if h.shape[1] != 1 or cursor is None:
+                raise ValueError(f"Block.forward with a cache decodes one token per row with a cursor; got h of shape "
+                                 f"{tuple(h.shape)}, cursor {'missing' if cursor is None else 'given'}")
             rows = jnp.arange(h.shape[0])
             k = cache[0].at[rows, cursor].set(k[:, 0])
             v = cache[1].at[rows, cursor].set(v[:, 0])
@@ -547,16 +551,20 @@ class CausalLM(nnx.Module):
             h = run_block(block, h)
         return self._logits(h)
 
-    def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
+    def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                logits_at: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
         """Like ``__call__``, and also returns every layer's (keys, values) for :meth:`decode`.
 
         Args:
           input_ids: (B, L) int: the prompts, right-padded to the buffer length L that decoding
             will fill (L = the longest prompt + the tokens to generate).
           attention_mask: (B, L), 1 on each prompt.
+          logits_at: optional (B,) int: return only the logits at position ``logits_at[b]`` of
+            row b, (B, V), instead of (B, L, V) (a large vocabulary makes the latter big).
 
         Returns:
-          logits (B, L, V) and a list (one per layer) of (k, v), each (B, L, kv_heads, head_dim).
+          logits (B, L, V) or (B, V) and a list (one per layer) of (k, v), each
+          (B, L, kv_heads, head_dim).
         """
         self._check_inputs(input_ids, attention_mask)
         b, t = input_ids.shape
@@ -566,6 +574,8 @@ class CausalLM(nnx.Module):
         for block in self.layers:
             h, kv = block.forward(h, cos, sin, mask)
             cache.append(kv)
+        if logits_at is not None:
+            h = h[jnp.arange(b), logits_at]
         return self._logits(h), cache
 
     def decode(self, token_ids: jax.Array, cursor: jax.Array, cache: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
@@ -578,7 +588,8 @@ class CausalLM(nnx.Module):
 
         Args:
           token_ids: (B,) int.
-          cursor: (B,) int, each < L.
+          cursor: (B,) int, each < L (under jit an out-of-range cursor cannot be checked: its
+            keys and values would be dropped and the logits wrong).
           cache: from :meth:`prefill` or the previous :meth:`decode`.
 
         Returns:
