@@ -590,3 +590,59 @@ def tendency_peak_pushdown(*, seed: int = 0, num_classes: int = 50, scale: float
     label = np.argmax(z, axis=-1)
     stats = [squeeze_stats(z, label, a) for a in alphas]
     return _tendency("peak_pushdown", "alpha", alphas, stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeakPushdownGrid:
+    """Claim 6 as a function of α *and* of the peak's height (SPEC §2): rates per (α, bin).
+
+    Attributes:
+      alphas: (A,) step sizes.
+      peak_edges: (P + 1,) bin edges of ``π_ȳ``, the probability of the pushed-down peak.
+      count: (P,) cases per bin (the same cases for every α).
+      entropy_rise_rate, all_others_rise_rate, partition_below_one_rate, peak_overtaken_rate:
+        (A, P) fractions of the bin's cases (NaN for an empty bin).
+    """
+    alphas: np.ndarray
+    peak_edges: np.ndarray
+    count: np.ndarray
+    entropy_rise_rate: np.ndarray
+    all_others_rise_rate: np.ndarray
+    partition_below_one_rate: np.ndarray
+    peak_overtaken_rate: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {k: np.where(np.isnan(v), None, v).tolist() if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+                else (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def peak_pushdown_grid(*, seed: int = 0, num_classes: int = 50,
+                       alphas: Sequence[float] = (0.5, 1, 2, 5, 10, 20, 50),
+                       peak_edges: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+                       scale_range: tuple[float, float] = (0.25, 6.0), num_samples: int = 5000) -> PeakPushdownGrid:
+    """Claim 6 swept over α and the peak's height: ȳ = argmax, logits ``s · N(0, 1)`` with s drawn
+    log-uniformly from ``scale_range`` so that the peak probabilities cover (0, 1).
+
+    Per (α, peak-height bin): how often the entropy rises, every other class rises, ``Z < 1``
+    (which claim 3 makes equivalent to every other class rising), and the old peak is overtaken.
+    """
+    rng = np.random.default_rng(seed)
+    scales = np.exp(rng.uniform(np.log(scale_range[0]), np.log(scale_range[1]), num_samples))
+    z = scales[:, None] * rng.standard_normal((num_samples, num_classes))
+    label = np.argmax(z, axis=-1)
+    edges = np.asarray(peak_edges, np.float64)
+    stats = [squeeze_stats(z, label, a) for a in alphas]
+    which = np.clip(np.searchsorted(edges, stats[0].peak_prob, side="right") - 1, 0, len(edges) - 2)
+    count = np.bincount(which, minlength=len(edges) - 1)
+
+    def rate(flags: np.ndarray) -> np.ndarray:
+        hits = np.bincount(which, weights=flags.astype(np.float64), minlength=len(edges) - 1)
+        return np.where(count > 0, hits / np.maximum(count, 1), np.nan)
+
+    return PeakPushdownGrid(
+        alphas=np.asarray(alphas, np.float64), peak_edges=edges, count=count,
+        entropy_rise_rate=np.stack([rate(s.entropy_change > 0) for s in stats]),
+        all_others_rise_rate=np.stack([rate(s.all_others_rise) for s in stats]),
+        partition_below_one_rate=np.stack([rate(s.partition_below_one) for s in stats]),
+        peak_overtaken_rate=np.stack([rate(s.peak_overtaken) for s in stats]),
+    )

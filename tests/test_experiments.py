@@ -43,6 +43,14 @@ def test_squeeze_threshold_rule_exact(demo_run):
     assert (r["config"]["large_num_classes"], r["config"]["large_dim"]) == (1000, 50)
     for panel in r["panels"]:
         assert panel["rule_holds_exact"] and panel["rule_matches_gradient_step"], panel["name"]
+    # Claim 6 over α × peak height: a figure, every bin populated, rates in [0, 1], and Z < 1 never
+    # more frequent than "all others rise" (it is the sufficient case).
+    grid = r["peak_pushdown_grid"]
+    assert (demo_run[0] / "squeeze_logreg" / "peak_pushdown_grid.png").stat().st_size > 0
+    assert all(c > 0 for c in grid["count"])
+    rates = np.asarray(grid["entropy_rise_rate"], float)
+    assert rates.shape == (len(grid["alphas"]), len(grid["count"])) and np.all((rates >= 0) & (rates <= 1))
+    assert np.all(np.asarray(grid["partition_below_one_rate"]) <= np.asarray(grid["all_others_rise_rate"]) + 1e-12)
 
 
 def test_first_order_gap_ratios(demo_run):

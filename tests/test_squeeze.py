@@ -194,6 +194,41 @@ def test_tendency_sweeps_return_their_measurements():
         assert isinstance(d["x"], list) and len(d["x"]) == n
 
 
+def test_peak_pushdown_grid_recounts_and_claim3_equivalence():
+    """Claim 6 over (α, peak height): counts add up; every rate is the bin's recount from
+    squeeze_stats; 'all others rise' holds exactly when log Z < α · min_{i≠ȳ} π_i (claim 3's
+    threshold below every other class), of which Z < 1 is the sufficient special case."""
+    alphas, edges = (0.5, 5.0, 50.0), (0.0, 0.3, 0.7, 1.0)
+    grid = sq.peak_pushdown_grid(seed=3, num_classes=12, alphas=alphas, peak_edges=edges, num_samples=600)
+    chex.assert_shape([grid.entropy_rise_rate, grid.all_others_rise_rate, grid.peak_overtaken_rate], [(3, 3)] * 3)
+    assert grid.count.sum() == 600 and np.all(grid.count > 0)
+    # The same cases, regenerated independently of the grid code.
+    rng = np.random.default_rng(3)
+    scales = np.exp(rng.uniform(np.log(0.25), np.log(6.0), 600))
+    z = scales[:, None] * rng.standard_normal((600, 12))
+    label = np.argmax(z, axis=-1)
+    p = scipy.special.softmax(z, axis=-1)
+    peak = p.max(-1)
+    others_min = np.where(np.arange(12)[None] == label[:, None], np.inf, p).min(-1)
+    for a_i, alpha in enumerate(alphas):
+        stats = sq.squeeze_stats(z, label, alpha)
+        p_new = np.stack([sq.one_step_probabilities(z[i], np.int64(label[i]), alpha) for i in range(600)])
+        log_z = np.log(np.sum(p * np.exp(-alpha * (np.eye(12)[label] - p)), axis=-1))  # Z = Σ π_j e^{Δz_j}
+        all_rise_direct = np.all((p_new > p) | (np.arange(12)[None] == label[:, None]), axis=-1)
+        np.testing.assert_array_equal(stats.all_others_rise, all_rise_direct)
+        np.testing.assert_array_equal(all_rise_direct, log_z < alpha * others_min)
+        assert np.all(all_rise_direct[log_z < 0])  # Z < 1 is sufficient
+        for b in range(3):
+            in_bin = (peak >= edges[b]) & ((peak < edges[b + 1]) if b < 2 else (peak <= edges[b + 1]))
+            assert in_bin.sum() == grid.count[b]
+            assert grid.all_others_rise_rate[a_i, b] == pytest.approx(all_rise_direct[in_bin].mean())
+            assert grid.partition_below_one_rate[a_i, b] == pytest.approx((log_z[in_bin] < 0).mean())
+            h = lambda q: -np.sum(q * np.log(q), axis=-1)  # noqa: E731
+            assert grid.entropy_rise_rate[a_i, b] == pytest.approx((h(p_new[in_bin]) > h(p[in_bin])).mean())
+    d = grid.to_dict()
+    assert len(d["entropy_rise_rate"]) == 3 and d["count"] == grid.count.tolist()
+
+
 # --- bad input ---------------------------------------------------------------------------------------
 def test_errors_name_the_problem():
     z = np.zeros(5)
