@@ -62,8 +62,6 @@ DEFAULT_TORCH_VENV = BENCH_DIR.parent / ".venv-torch"  # the one `make torch-ven
 # glibc serves larger blocks with mmap whatever its (dynamic) threshold: 4 * 1024 * 1024 * sizeof(long).
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
-# ldjax.host_memory's mallopt settings as glibc environment variables, for the torch process.
-GLIBC_RETAIN_ENV = (("MALLOC_ARENA_MAX", "1"), ("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "2147483647"))
 
 # One XLA CPU thread per device: no Eigen thread pool inside an op (the SPEC §4 "threading off").
 SINGLE_THREAD_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -134,7 +132,7 @@ RUNNERS: dict[str, Runner] = {r.name: r for r in (
     Runner("ldjax-system-malloc", "ldjax", env=((host_memory.ENV_VAR, "system"),),
            label="ldjax, glibc malloc defaults: XLA's scratch buffer is mapped afresh every step"),
     Runner("torch", "torch", label="torch eager, default threads, SDPA"),
-    Runner("torch-retain-malloc", "torch", env=GLIBC_RETAIN_ENV,
+    Runner("torch-retain-malloc", "torch", env=tuple(host_memory.GLIBC_ENV.items()),
            label="torch eager, default threads, SDPA, with the glibc settings ldjax uses (env variables)"),
     Runner("torch-1thread", "torch", threads=1, label="torch eager, 1 thread, SDPA"),
     Runner("torch-math-attn", "torch", sdpa=False, label="torch eager, default threads, explicit softmax attention"),

@@ -344,7 +344,8 @@ def _run(config: Config) -> dict[str, Any]:
     x_obs, y_obs = images[obs_idx], labels[obs_idx]
     x_obs_a = jnp.asarray(x_obs, analysis_dtype)
 
-    apply_fn, params = functional(make_model(config))
+    model = make_model(config)
+    apply_fn, params = functional(model)
     optimizer = optax.sgd(config.lr)
     opt_state = optimizer.init(params)
 
@@ -435,16 +436,16 @@ def _run(config: Config) -> dict[str, Any]:
     # At the trained parameters, on the last analysed batch: the gap should scale as η². ReLU and
     # max-pool kinks add an O(η) part for the observed examples whose activation pattern the
     # step changes; the examples whose pattern holds should show the pure η² ratio of 4.
-    shape_model = make_model(config)  # only its structure: the parameters are p_a
-    pattern_fn = (functional(shape_model, method="activation_pattern")[0]
-                  if hasattr(shape_model, "activation_pattern") else None)
+    pattern_fn = (functional(model, method="activation_pattern")[0]
+                  if hasattr(model, "activation_pattern") else None)
+    pattern_before = None if pattern_fn is None else pattern_fn(p_a, x_obs_a)
 
     def gap(lr):
         grads = jax.grad(dynamics.cross_entropy_loss, argnums=1)(apply_fn, p_a, x_b, y_b)
         new_p = jax.tree.map(lambda a, g: a - lr * g, p_a, grads)
         pred = dynamics.predicted_change_sgd(apply_fn, p_a, x_obs_a, x_b, y_b, lr=lr)
         per_example = jnp.sum((pred - dynamics.actual_change(apply_fn, p_a, new_p, x_obs_a)) ** 2, axis=-1)
-        crossed = (jnp.any(pattern_fn(p_a, x_obs_a) != pattern_fn(new_p, x_obs_a), axis=1) if pattern_fn
+        crossed = (jnp.any(pattern_before != pattern_fn(new_p, x_obs_a), axis=1) if pattern_fn
                    else jnp.zeros(per_example.shape, bool))
         return per_example, crossed
 

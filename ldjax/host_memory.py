@@ -23,8 +23,9 @@ Measured (``benchmarks/train``, 2 cores): 1M-4M-parameter SFT/DPO steps 1.18-1.3
 cost: the process keeps its high-water mark of memory (what PyTorch's and XLA:GPU's caching
 allocators also do; a 4M-parameter DPO run holds ~1.1-1.4 GB instead of ~0.85 GB), and threads
 share one malloc arena, which made steps whose scratch stays under 32 MB (where glibc already
-reuses memory) up to ~9 % slower at 130k parameters, and the demo 5 % slower (52 s vs 49 s). It must run before XLA creates its
-threads, i.e. before the first JAX computation; ``import ldjax`` calls it, so importing ldjax
+reuses memory) up to ~9 % slower at 130k parameters, and the demo 5 % slower (52 s vs 49 s).
+
+It must run before XLA creates its threads, i.e. before the first JAX computation; ``import ldjax`` calls it, so importing ldjax
 before running JAX code is enough. The settings hold for the whole process (every library in
 it), so they are applied only where JAX computes on the CPU: not when ``JAX_PLATFORMS`` names
 another platform first, nor when a GPU/TPU plugin is installed and ``JAX_PLATFORMS`` does not
@@ -43,11 +44,17 @@ import warnings
 
 ENV_VAR = "LDJAX_HOST_MALLOC"
 
-# mallopt parameter numbers from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
+# (mallopt parameter number from glibc's <malloc.h>, the setting's environment variable, value),
+# in the order applied: the trim threshold first, since once mmap is off nothing freed may be
+# handed back before it is set. The environment form serves a process that does not import
+# ldjax (glibc reads it at start-up), e.g. the PyTorch side of benchmarks/train.
 _KEEP_BYTES = 2**31 - 1  # mallopt takes an int
+_SETTINGS = (
+    (-1, "MALLOC_TRIM_THRESHOLD_", _KEEP_BYTES),  # M_TRIM_THRESHOLD
+    (-8, "MALLOC_ARENA_MAX", 1),                   # M_ARENA_MAX
+    (-4, "MALLOC_MMAP_MAX_", 0),                   # M_MMAP_MAX
+)
+GLIBC_ENV = {name: str(value) for _, name, value in _SETTINGS}
 
 _MODES = ("", "retain", "system")
 # Installed packages that make JAX's default backend an accelerator.
@@ -114,10 +121,7 @@ def retain_freed_memory() -> bool:
         try:
             mallopt = ctypes.CDLL("libc.so.6").mallopt
             mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-            # mallopt returns 1 on success. Trim threshold first: once mmap is off, nothing freed
-            # may be handed back before it is set.
-            ok = (mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES) == 1 and mallopt(_M_ARENA_MAX, 1) == 1
-                  and mallopt(_M_MMAP_MAX, 0) == 1)
+            ok = all(mallopt(param, value) == 1 for param, _, value in _SETTINGS)  # 1 = accepted
             reason = None if ok else "mallopt refused a setting"
         except (OSError, AttributeError) as err:
             reason = f"libc.so.6 has no usable mallopt ({err})"

@@ -536,10 +536,7 @@ class CausalLM(nnx.Module):
             NaN logits, so the data pipeline checks them (``ldjax.data.tokenize`` functions
             take ``vocab_size``).
         """
-        self._check_inputs(input_ids, attention_mask)
-        b, t = input_ids.shape
-        cos, sin = rotary_cos_sin(jnp.arange(t), self.config.rotary_dim, self.config.rope_theta)
-        mask = attention_mask_4d(attention_mask, b, t)
+        cos, sin, mask = self._rope_and_mask(input_ids, attention_mask)
 
         def run_block(block: Block, h: jax.Array) -> jax.Array:
             return block(h, cos, sin, mask)
@@ -566,16 +563,13 @@ class CausalLM(nnx.Module):
           logits (B, L, V) or (B, V) and a list (one per layer) of (k, v), each
           (B, L, kv_heads, head_dim).
         """
-        self._check_inputs(input_ids, attention_mask)
-        b, t = input_ids.shape
-        cos, sin = rotary_cos_sin(jnp.arange(t), self.config.rotary_dim, self.config.rope_theta)
-        mask = attention_mask_4d(attention_mask, b, t)
+        cos, sin, mask = self._rope_and_mask(input_ids, attention_mask)
         h, cache = self.embed(input_ids), []
         for block in self.layers:
             h, kv = block.forward(h, cos, sin, mask)
             cache.append(kv)
         if logits_at is not None:
-            h = h[jnp.arange(b), logits_at]
+            h = h[jnp.arange(h.shape[0]), logits_at]
         return self._logits(h), cache
 
     def decode(self, token_ids: jax.Array, cursor: jax.Array, cache: list[KVCache]) -> tuple[jax.Array, list[KVCache]]:
@@ -612,7 +606,9 @@ class CausalLM(nnx.Module):
         # float32 for float32/bfloat16 compute; float64 compute (exactness checks) keeps float64.
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
-    def _check_inputs(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> None:
+    def _rope_and_mask(self, input_ids: jax.Array,
+                       attention_mask: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Checks the inputs; RoPE tables (T, rotary_dim) for positions 0..T-1 and the (B, 1, T, T) mask."""
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"CausalLM: input_ids must be an integer array (B, T), got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
@@ -624,3 +620,6 @@ class CausalLM(nnx.Module):
                              f"max_position_embeddings={self.config.max_position_embeddings}")
         if not isinstance(input_ids, jax.core.Tracer):
             check_token_ids(input_ids, self.config.vocab_size)
+        b, t = input_ids.shape
+        cos, sin = rotary_cos_sin(jnp.arange(t), self.config.rotary_dim, self.config.rope_theta)
+        return cos, sin, attention_mask_4d(attention_mask, b, t)

@@ -50,19 +50,20 @@ class MLP(nnx.Module):
         if flat.shape[1] != self.in_features:
             raise ValueError(
                 f"MLP expects {self.in_features} features per example, got input of shape {tuple(x.shape)}")
-        h = flat
-        for layer in self.layers[:-1]:
-            h = jax.nn.relu(layer(h))
-        return self.layers[-1](h)
+        return self._forward(flat, record=False)[0]
 
     def activation_pattern(self, x: jax.Array) -> jax.Array:
         """(N, P) bool: which hidden ReLUs are on. See :meth:`LeNet.activation_pattern`."""
-        h, parts = x.reshape(x.shape[0], -1), []
+        return self._forward(x.reshape(x.shape[0], -1), record=True)[1]
+
+    def _forward(self, h: jax.Array, record: bool) -> tuple[jax.Array, jax.Array | None]:
+        parts = []
         for layer in self.layers[:-1]:
             a = layer(h)
-            parts.append(a > 0)
+            if record:
+                parts.append(a > 0)
             h = jax.nn.relu(a)
-        return jnp.concatenate(parts, axis=1)
+        return self.layers[-1](h), (jnp.concatenate(parts, axis=1) if record else None)
 
 
 class LeNet(nnx.Module):

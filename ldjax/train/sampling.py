@@ -6,9 +6,9 @@ fixed-length buffer (prompt + new tokens), so there is a single compiled shape. 
 prompts, then O(L) work per new token. Any other ``(input_ids, attention_mask) -> logits``
 callable is rerun on the whole buffer for every token (causal attention makes the
 not-yet-written positions irrelevant). Both routes sample the same distribution and, from the
-same key, the same tokens unless float round-off flips a near-tie (the logits agree to ~1e-6). Measured on 2 CPU cores, batch 8, 4-layer GPT-NeoX: the cache
-is 14x faster at d=128 (64-token prompts + 64 new tokens: 75 vs 1,065 ms) and 25x at d=256
-(128 + 128: 0.66 vs 16.4 s).
+same key, the same tokens unless float round-off flips a near-tie (the logits agree to ~1e-6).
+Measured on 2 CPU cores, batch 8, 4-layer GPT-NeoX: the cache is 14x faster at d=128
+(64-token prompts + 64 new tokens: 75 vs 1,065 ms) and 25x at d=256 (128 + 128: 0.66 vs 16.4 s).
 """
 from __future__ import annotations
 
