@@ -491,3 +491,19 @@ def kernel_vector_product(f: ApplyFn, params: PyTree, x_obs: PyTree, x_upd: PyTr
     """
     direction = vector_jacobian_product(f, params, x_upd, cotangent)
     return jacobian_vector_product(f, params, x_obs, direction)
+
+
+def lm_ntk(model: Any, input_ids1: Any, input_ids2: Any = None, **kwargs: Any):
+    """The exact eNTK of a causal LM in factored form, ``(z·z') I + W M Wᵀ`` (+ tied terms).
+
+    ``model`` is an ``ldjax.models.CausalLM`` or an :class:`ldjax.lm_kernel.LMParts`; keyword
+    arguments (``attention_mask1/2``, ``positions1/2``, ``chunk_size``, ``precision``) are those of
+    :func:`ldjax.lm_kernel.lm_ntk_from_parts`. Returns an :class:`ldjax.lm_kernel.LMKernel`, whose
+    ``.dense(trace_axes, diagonal_axes)`` equals :func:`empirical_ntk` of the model's logits
+    ``(N, P, V)`` at the chosen positions, and whose ``.matvec``, ``.trace`` and ``part=`` give
+    ``K·g``, ``tr K`` and the head/body/cross split without V×V blocks. Defined in
+    ``ldjax.lm_kernel`` (also flax-free; a CausalLM is split with flax on demand).
+    """
+    from ldjax.lm_kernel import lm_ntk as _lm_ntk
+
+    return _lm_ntk(model, input_ids1, input_ids2, **kwargs)

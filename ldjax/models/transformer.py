@@ -536,6 +536,23 @@ class CausalLM(nnx.Module):
             NaN logits, so the data pipeline checks them (``ldjax.data.tokenize`` functions
             take ``vocab_size``).
         """
+        return self._head(self.features(input_ids, attention_mask))
+
+    def features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 input_embeddings: jax.Array | None = None) -> jax.Array:
+        """The final-norm hidden states ``z`` (B, T, D), so that ``logits = z @ W.T`` with
+        ``W = self.output_head()`` (no head bias in either architecture).
+
+        Args:
+          input_ids: (B, T) int, as for ``__call__`` (checked the same way).
+          attention_mask: (B, T) or None.
+          input_embeddings: optional (B, T, D) used instead of looking ``input_ids`` up in the
+            embedding table (``ldjax.lm_kernel`` differentiates through the looked-up rows
+            only); the ids then only set the shape and are checked.
+
+        Returns:
+          (B, T, D) in the compute dtype.
+        """
         cos, sin, mask = self._rope_and_mask(input_ids, attention_mask)
 
         def run_block(block: Block, h: jax.Array) -> jax.Array:
@@ -543,10 +560,16 @@ class CausalLM(nnx.Module):
 
         if self.config.remat:
             run_block = nnx.remat(run_block)
-        h = self.embed(input_ids)
+        h = self.embed(input_ids) if input_embeddings is None else input_embeddings
         for block in self.layers:
             h = run_block(block, h)
-        return self._logits(h)
+        return self.final_norm(h)
+
+    def output_head(self) -> jax.Array:
+        """The output head ``W`` (V, D): the embedding matrix when tied, else ``lm_head.kernel.T``."""
+        if self.lm_head is None:
+            return self.embed.embedding[...]
+        return self.lm_head.kernel[...].T
 
     def prefill(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                 logits_at: jax.Array | None = None) -> tuple[jax.Array, list[KVCache]]:
@@ -601,8 +624,10 @@ class CausalLM(nnx.Module):
         return self._logits(h)[:, 0], new_cache
 
     def _logits(self, h: jax.Array) -> jax.Array:
-        h = self.final_norm(h)
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
+        return self._head(self.final_norm(h))
+
+    def _head(self, z: jax.Array) -> jax.Array:
+        logits = self.embed.attend(z) if self.lm_head is None else self.lm_head(z)
         # float32 for float32/bfloat16 compute; float64 compute (exactness checks) keeps float64.
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
