@@ -4,9 +4,11 @@ Each subcommand parses its dataclass (:mod:`ldjax.train.config`) from flags and 
 ``--config file.json`` and writes into ``--out``: ``config.json``, ``metrics.jsonl``,
 ``checkpoints/`` (resumed automatically when present) and ``model/`` (a Hugging Face
 directory that ``--model`` of the next job, or :func:`ldjax.models.load_pretrained`, reads).
+``sft`` and ``dpo`` with ``--track-every k`` also write ``tracking.jsonl`` (the probe families
+of SPEC §3 scored every k steps, :mod:`ldjax.tracking`) and ``probes.json`` (their texts).
 
     ldjax pretrain --out runs/base --num-steps 2000
-    ldjax sft --model runs/base/model --out runs/sft --num-steps 400
+    ldjax sft --model runs/base/model --out runs/sft --num-steps 400 --track-every 20
     ldjax dpo --model runs/sft/model --out runs/dpo --loss-type ipo --beta 0.1
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ldjax.train.checkpoint import CheckpointError, RunCheckpointer, file_digest
 from ldjax.train.config import (ConfigError, DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig,
                                 resume_signature)
 from ldjax.train.loop import train
+from ldjax.tracking import TRACKING_FILE
 
 COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
 
@@ -36,32 +39,61 @@ COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
 
 def _world(config: DataConfig):
     from ldjax.data.world import WorldConfig, build_world
+    # The probes come from their own random stream: their number never changes the pairs or
+    # the pretraining texts.
     return build_world(WorldConfig(
         seed=config.world_seed, num_entities=config.world_entities, num_train=config.world_train,
-        num_test=config.world_test, num_probe=min(32, config.world_train),
+        num_test=config.world_test, num_probe=min(getattr(config, "track_prompts", 32), config.world_train),
         num_pretrain_answers=config.world_pretrain, num_pretrain_narrative=max(1, config.world_pretrain // 4)))
+
+
+def _split(items: list) -> tuple[list, list]:
+    """``(train, test)`` of a data file: the last 10 % held out (the first item when under 10)."""
+    n_test = len(items) // 10
+    if not n_test:
+        return items, items[:1]
+    return items[: len(items) - n_test], items[len(items) - n_test:]
 
 
 def load_examples(config: DataConfig, tokenizer=None):
     """``(train, test, pretrain_texts, tokenizer)`` from ``--data`` or the embedded world.
 
     With ``--data`` and no tokenizer (a tiny model from scratch), a word-level tokenizer over
-    the file's words is built; the test split is then the last 10 % of the file.
+    the file's words (those of the optional probe fields of :mod:`ldjax.probes` included) is
+    built; the test split is the last 10 % of the file (its first record when it has under 10,
+    which is then not held out).
     """
     if not config.data:
         world = _world(config)
         return world.train, world.test, world.pretrain_texts, tokenizer or world.tokenizer
-    from ldjax.data.preference import load_preference_jsonl
-    examples = load_preference_jsonl(config.data, config.data_format)
+    from ldjax.probes import read_probe_records
+    records = read_probe_records(config.data, config.data_format)
+    examples = [r.example for r in records]
     if tokenizer is None:
         from ldjax.data.world import build_tokenizer
         words = {w for e in examples for text in (e.prompt, e.chosen, e.rejected) for w in text.split()}
+        words |= {w for r in records for text in r.extras.values() for w in text.split()}
         tokenizer = build_tokenizer(sorted(words))
-    n_test = len(examples) // 10
-    train_set = examples[: len(examples) - n_test] if n_test else examples
-    test_set = examples[len(examples) - n_test:] if n_test else examples[:1]
+    train_set, test_set = _split(examples)
     texts = [f"{e.prompt} {e.chosen}" for e in train_set]
     return train_set, test_set, texts, tokenizer
+
+
+TRACK_SEED = 0  # probe prompts of --data files: the same for every run on the same file
+
+
+def probe_texts(config):
+    """The probe families of a run's training data (:mod:`ldjax.probes`): the embedded world's
+    probes, or those of ``--data`` (``--track-prompts`` seeded training records, held-out
+    records for ``other_test`` / ``random_sentence``).
+    """
+    from ldjax import probes
+    if not config.data:
+        return probes.probe_texts_from_world(_world(config), min(config.track_prompts, config.world_train))
+    records = probes.read_probe_records(config.data, config.data_format)
+    train_records, test_records = _split(records)
+    return probes.probe_texts_from_records(train_records, test_records, seed=TRACK_SEED, origin=str(config.data),
+                                           num_prompts=min(config.track_prompts, len(train_records)))
 
 
 # A BOS is optional (without one the prompt's first token starts the sequence), so unlike EOS
@@ -164,6 +196,7 @@ def run(command: str, config) -> dict[str, Any]:
     if tokenizer.get_vocab_size() > vocab:
         raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab}")
     check_lengths(config, model.config)
+    texts_of_probes = probe_texts(config) if getattr(config, "track_every", 0) else None
 
     # Refuse to continue another run's checkpoint before writing anything or computing reference
     # log-probs: its saved data position and optimizer state only make sense on its trajectory.
@@ -181,13 +214,36 @@ def run(command: str, config) -> dict[str, Any]:
                     f"{checkpointer.latest_step()}) and --resume is false: use another --out, "
                     "delete that folder, or pass --resume true")
             checkpointer.check_resumable()
+            if texts_of_probes is not None:
+                from ldjax.tracking import check_tracking_resumable
+                check_tracking_resumable(out / TRACKING_FILE, texts_of_probes, checkpointer.latest_step())
         (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
-        return _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts)
+        return _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts,
+                        texts_of_probes)
     finally:
         checkpointer.close()
 
 
-def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts) -> dict[str, Any]:
+def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, params):
+    """The run's :class:`ldjax.tracking.Tracker`: probes tokenised as the training data; for
+    ``dpo`` the probe pairs' reference log-probs are scored here, with the starting policy."""
+    from ldjax import probes, tracking
+    probe_set = probes.tokenize_probes(texts_of_probes, tokenizer, **kw)
+    preference = None
+    if command == "dpo":
+        preference = tracking.PreferenceTracking(
+            config.loss_type, config.beta, config.label_smoothing,
+            {"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {})
+    tracker = tracking.Tracker(probe_set, model, every=config.track_every, path=out / TRACKING_FILE,
+                               preference=preference, batch_size=config.track_batch_size or config.batch_size,
+                               progress=config.progress)
+    if preference is not None:
+        tracker.set_reference(params)
+    return tracker
+
+
+def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts,
+             texts_of_probes=None) -> dict[str, Any]:
     vocab = model.config.vocab_size
     kw = _token_kwargs(config, tokenizer, vocab)  # vocab_size: every id is range-checked here, not under jit
 
@@ -238,8 +294,10 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, te
     state = sharding.replicate(steps.init_train_state(params, optimizer, config.seed), mesh)
 
     eval_fn = _make_eval(graphdef, rest, loss_fn, test_arrays, config.batch_size, mesh) if config.eval_every else None
+    tracker = (_make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, params)
+               if texts_of_probes is not None else None)
     result = train(step, state, lambda epoch: batches(arrays, config.batch_size, seed=config.seed, epoch=epoch),
-                   config, checkpointer=checkpointer, eval_fn=eval_fn, desc=f"ldjax {command}")
+                   config, checkpointer=checkpointer, eval_fn=eval_fn, tracker=tracker, desc=f"ldjax {command}")
 
     nnx.update(model, jax.device_get(result.state.params))
     from ldjax.models.hf import save_pretrained
@@ -248,6 +306,11 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, te
     summary = {"command": command, "steps": int(result.state.step), "resumed_from": result.resumed_from,
                "final": last[-1] if last else None, "num_train_examples": int(len(next(iter(arrays.values())))),
                "devices": int(mesh.devices.size), "out": str(out)}
+    if tracker is not None:
+        summary["tracking"] = {"file": str(out / TRACKING_FILE), "families": list(tracker.probe_set.families),
+                               "omitted": dict(tracker.probe_set.texts.omitted),
+                               "num_prompts": tracker.probe_set.num_prompts,
+                               "track_s": tracker.track_seconds, "train_s": result.train_seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

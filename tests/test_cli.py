@@ -172,3 +172,59 @@ def test_fresh_start_next_to_old_checkpoints_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="already holds checkpoints .*--resume is false"):
         cli.main(base + ["--resume", "false"])
     assert (out / "config.json").read_text() == saved_config
+
+
+def read_tracking(run_dir):
+    return [json.loads(l) for l in (run_dir / "tracking.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow  # four CLI runs (~25 s on 2 shared cores); the loop-level twins in test_tracking.py are fast
+def test_track_every_writes_probe_logs_without_changing_the_run_and_resumes(tmp_path):
+    base = ["sft", *TINY, "--num-steps", "2"]
+    assert cli.main(base + ["--out", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "tracked"
+    assert cli.main(base + ["--track-every", "1", "--track-prompts", "4", "--checkpoint-every", "1",
+                            "--out", str(out)]) == 0
+    # Tracking reads the parameters only: the same metrics and the same saved model, bitwise.
+    strip = lambda lines: [{k: v for k, v in l.items() if k != "tokens_per_s"} for l in lines]  # noqa: E731
+    assert strip(read_metrics(out)) == strip(read_metrics(tmp_path / "plain"))
+    assert (out / "model" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model" / "model.safetensors").read_bytes()
+    records = read_tracking(out)
+    assert [r["step"] for r in records] == [0, 1, 2]
+    probes = json.loads((out / "probes.json").read_text())
+    assert probes["origin"] == "world" and len(probes["prompts"]) == 4 and len(probes["families"]) == 11
+    assert set(records[0]["logps"]) == set(probes["families"]) | {"argmax_chosen", "argmax_rejected"}
+    summary = json.loads((out / "summary.json").read_text())["tracking"]
+    assert summary["num_prompts"] == 4 and summary["omitted"] == {} and summary["track_s"] > 0
+
+    # Resume: more steps and another tracking frequency are allowed, the log continues...
+    assert cli.main(base[:-1] + ["3", "--track-every", "3", "--track-prompts", "4", "--out", str(out)]) == 0
+    assert [r["step"] for r in read_tracking(out)] == [0, 1, 2, 3]
+    # ...but not with another probe set, refused before anything is written.
+    saved_config = (out / "config.json").read_text()
+    from ldjax.tracking import TrackingMismatch
+    with pytest.raises(TrackingMismatch, match="holds 4 records"):
+        cli.main(base[:-1] + ["4", "--track-every", "1", "--track-prompts", "3", "--out", str(out)])
+    assert (out / "config.json").read_text() == saved_config
+
+
+def test_dpo_tracking_on_an_hh_file_with_rephrase_fields(tmp_path):
+    rows = []
+    for i in range(12):
+        prompt = f"\n\nHuman: what about cats {i} ?\n\nAssistant:"
+        rows.append({"chosen": f"{prompt} cats {i} purr softly .", "rejected": f"{prompt} dogs {i} bark .",
+                     "chosen_rephrase": f"felines {i} purr gently .", "rejected_rephrase": f"hounds {i} bark ."})
+    data = tmp_path / "hh.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "dpo"
+    assert cli.main(["dpo", *TINY, "--data", str(data), "--num-steps", "2", "--track-every", "2",
+                     "--learning-rate", "0.01", "--out", str(out)]) == 0
+    records = read_tracking(out)
+    assert [r["step"] for r in records] == [0, 2]
+    summary = json.loads((out / "summary.json").read_text())["tracking"]
+    assert summary["num_prompts"] == 11 and set(summary["omitted"]) == {"chosen_format", "rejected_format"}
+    assert "chosen_rephrase" in records[0]["logps"] and "other_test" in records[0]["logps"]
+    first, last = records[0]["dpo"], records[1]["dpo"]
+    assert first["margin"]["min"] == first["margin"]["max"] == 0  # the reference is the starting policy
+    assert first["coef_chosen"]["mean"] == pytest.approx(0.05)  # beta (1 - 1/2), beta = 0.1
+    assert last["margin"]["mean"] != 0

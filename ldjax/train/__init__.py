@@ -5,13 +5,13 @@
 - :mod:`ldjax.train.steps`       the pure compiled step, gradient accumulation
 - :mod:`ldjax.train.sharding`    a 1-D "data" mesh: batch split, params replicated
 - :mod:`ldjax.train.checkpoint`  orbax checkpoints with data position, RNG, model and resume-signature checks
-- :mod:`ldjax.train.loop`        the loop: metrics JSONL, progress, eval hooks, NaN guard
+- :mod:`ldjax.train.loop`        the loop: metrics JSONL, progress, eval hooks, probe tracking, NaN guard
 - :mod:`ldjax.train.objectives`  pretraining, SFT and preference losses on a causal LM
 - :mod:`ldjax.train.sampling`    temperature / top-k sampling for on-policy preference training
 """
 from ldjax.train.checkpoint import CheckpointConfigMismatch, CheckpointError, RunCheckpointer, file_digest
 from ldjax.train.config import (RESUMABLE_FIELDS, ConfigError, DPOConfig, LoopConfig, ModelConfig, OptimizerConfig,
-                                PretrainConfig, SFTConfig, paper_rmsprop, resume_signature)
+                                PretrainConfig, SFTConfig, TrackingConfig, paper_rmsprop, resume_signature)
 from ldjax.train.loop import NonFiniteLossError, TrainResult, train
 from ldjax.train.optim import build_optimizer, learning_rate_schedule, torch_rmsprop
 from ldjax.train.sharding import data_mesh, replicate, shard_batch

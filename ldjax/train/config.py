@@ -85,6 +85,23 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Probe tracking (SPEC §3): log-probs of the probe families of training prompts, every k steps."""
+
+    track_every: int = field(default=0, metadata={"help": "score the probe set every this many steps (and at step 0 and the last step) into out/tracking.jsonl, its texts into out/probes.json; 0 = off. Never changes the training trajectory"})
+    track_prompts: int = field(default=32, metadata={"help": "probe prompts, taken from the training set (the world's probes, or a seeded choice of --data records; at most the training set)"})
+    track_batch_size: int = field(default=0, metadata={"help": "probe prompts per forward pass when tracking (0 = batch_size)"})
+
+    def __post_init__(self) -> None:
+        for name in ("track_every", "track_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.track_prompts < 1:
+            raise ConfigError(f"track_prompts: must be >= 1, got {self.track_prompts}")
+        _chain_post_init(self, TrackingConfig)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Which causal LM to train: a tiny preset built from scratch, or a pretrained directory."""
 
@@ -116,14 +133,14 @@ class PretrainConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
 
 
 @dataclass(frozen=True)
-class SFTConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
+class SFTConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataConfig):
     """ldjax sft: supervised finetuning on (prompt, chosen) — or on both responses with --sft-on-both."""
 
     sft_on_both: bool = field(default=False, metadata={"help": "train on (x, y+) and (x, y-) (the paper's 'extend' mitigation)"})
 
 
 @dataclass(frozen=True)
-class DPOConfig(OptimizerConfig, LoopConfig, ModelConfig, DataConfig):
+class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataConfig):
     """ldjax dpo: a preference loss against a frozen reference (the starting policy)."""
 
     loss_type: str = field(default="sigmoid", metadata={"help": "any loss_type of ldjax.losses.preference_loss"})
@@ -153,12 +170,14 @@ def paper_rmsprop(**overrides) -> OptimizerConfig:
     return OptimizerConfig(**values)
 
 
-# What may change when a run is resumed: how long it runs, how often it logs, evaluates and
-# saves, where it writes, and over how many devices (another mesh only reorders the gradient
-# all-reduce: the same trajectory up to float32 rounding, not bitwise). Everything else sets
-# the trajectory (seeds, data, batch, lengths, optimizer, loss, model) and must match.
+# What may change when a run is resumed: how long it runs, how often it logs, evaluates, tracks
+# probes and saves, where it writes, and over how many devices (another mesh only reorders the
+# gradient all-reduce: the same trajectory up to float32 rounding, not bitwise). Everything else
+# sets the trajectory (seeds, data, batch, lengths, optimizer, loss, model) and must match.
+# (Tracking another probe set into an existing tracking.jsonl is refused by the tracker itself.)
 RESUMABLE_FIELDS = frozenset({"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                              "resume", "progress", "out", "num_devices"})
+                              "resume", "progress", "out", "num_devices",
+                              "track_every", "track_prompts", "track_batch_size"})
 
 
 def resume_signature(config: LoopConfig, *, command: str, sources: Mapping[str, Any] | None = None) -> dict[str, Any]:

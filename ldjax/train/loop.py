@@ -14,15 +14,19 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from ldjax.train.checkpoint import RunCheckpointer
 from ldjax.train.config import LoopConfig
 from ldjax.train.steps import TrainState
+
+if TYPE_CHECKING:
+    from ldjax.tracking import Tracker
 
 Batch = Any
 EpochBatches = Callable[[int], Iterable[Batch]]
@@ -42,6 +46,7 @@ class TrainResult:
     epoch: int
     batch_index: int
     resumed_from: int | None
+    train_seconds: float = 0.0  # wall time inside the steps of this call (tracking, logging, saving excluded)
 
 
 def _truncate_metrics(path: pathlib.Path, last_step: int) -> None:
@@ -72,6 +77,7 @@ def train(
     *,
     checkpointer: RunCheckpointer | None = None,
     eval_fn: EvalFn | None = None,
+    tracker: "Tracker | None" = None,
     desc: str = "train",
 ) -> TrainResult:
     """Runs ``step_fn`` until ``state.step == config.num_steps``.
@@ -85,6 +91,11 @@ def train(
         first (state, RNG key and data position).
       eval_fn: ``(state, step) -> {name: value}``, called every ``config.eval_every`` steps
         and at the end; its numbers are logged with an ``eval/`` prefix.
+      tracker: a :class:`ldjax.tracking.Tracker`, evaluated at step 0 of a fresh run, at every
+        step it marks as due and at the last step, after logging and evaluation and before
+        checkpointing. A resumed run truncates its log past the restored step. It reads the
+        parameters only (never the RNG key or the batches); with a ``decompose_fn`` the
+        parameters before a tracked step are copied for it (not donated).
 
     Raises:
       NonFiniteLossError: a step's loss or gradient norm is NaN/inf. The bad state is not
@@ -100,6 +111,8 @@ def train(
         _truncate_metrics(metrics_path, resumed_from)
     elif metrics_path.exists():
         metrics_path.unlink()  # a fresh run must not append to an old run's log
+    if tracker is not None:
+        tracker.begin(resumed_from)
 
     step = int(jax.device_get(state.step))
     last_saved = resumed_from
@@ -121,14 +134,27 @@ def train(
         if checkpointer is not None and last_saved != step:
             last_saved = checkpointer.save(state, epoch=epoch, batch_index=batch_index)
 
+    train_seconds = 0.0  # time inside the steps, for the tracker's overhead report
+
+    def run_tracker(before=None, batch=None) -> None:
+        if tracker is not None and tracker.due(step, config.num_steps):
+            tracker.track(step, state.params, params_before=before, batch=batch, train_seconds=train_seconds)
+
     try:
+        if resumed_from is None:
+            run_tracker()  # the starting point
         tokens, t0 = 0, time.perf_counter()
         while step < config.num_steps:
             epoch_iter = iter(epoch_batches(epoch))
             consumed = batch_index
             for batch in itertools.islice(epoch_iter, batch_index, None):
+                before = None
+                if tracker is not None and tracker.wants_params_before(step + 1, config.num_steps):
+                    before = jax.tree.map(jnp.copy, state.params)  # the step donates its input
+                started = time.perf_counter()
                 new_state, metrics = step_fn(state, batch)
                 values = _scalars(metrics)
+                train_seconds += time.perf_counter() - started
                 bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
                 if bad:
                     where = (f"step {last_saved} in {checkpointer.directory}" if checkpointer is not None and last_saved is not None
@@ -153,6 +179,7 @@ def train(
                     tokens, t0 = 0, time.perf_counter()
                 if config.eval_every and step % config.eval_every == 0 and step != config.num_steps:
                     run_eval()
+                run_tracker(before, batch)
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
                     save()
                 if step >= config.num_steps:
@@ -165,4 +192,7 @@ def train(
         save()
     finally:
         bar.close()
-    return TrainResult(state=state, history=history, epoch=epoch, batch_index=batch_index, resumed_from=resumed_from)
+        if tracker is not None:
+            tracker.close()
+    return TrainResult(state=state, history=history, epoch=epoch, batch_index=batch_index, resumed_from=resumed_from,
+                       train_seconds=train_seconds)
