@@ -118,7 +118,8 @@ class LMKernel:
       M: (N1, N2, P1, P2, d, d) ``J_z(c) J_z(c')ᵀ`` over the body (and, tied, E's input role).
       head: (V, d) W.
       tied: whether the cross terms below are present.
-      tokens: (|S|,) the distinct token ids of both batches (rows of E that enter as inputs).
+      tokens: (|S|,) the distinct token ids of both batches (rows of E that enter as inputs),
+        padded to a power of two by repeating the first id (the padded rows' terms are zero).
       row_term: (N1, N2, P1, P2, |S|, d) ``R`` (tied only, else None).
       col_term: (N1, N2, P1, P2, |S|, d) ``C`` (tied only, else None).
     """
@@ -277,6 +278,9 @@ def _features(body_fn, theta, local_ids, ids, mask, positions):
     return _gather_positions(z, positions)
 
 
+_features_jit = jax.jit(_features, static_argnames=("body_fn",))
+
+
 @functools.partial(jax.jit, static_argnames=("body_fn",))
 def _body_chunk(body_fn, theta, x1, x2_one, z1, basis):
     """For one example of batch 2 and a chunk of output directions e_(q, l) of its z:
@@ -301,6 +305,10 @@ def _col_chunk(body_fn, theta, x1, tangents):
     def f1(rows):
         return _features(body_fn, {"body": theta["body"], "rows": rows}, *x1)
     return jax.vmap(lambda t: jax.jvp(f1, (theta["rows"],), (t,))[1])(tangents)
+
+
+def _bucket(n: int) -> int:
+    return max(8, 1 << (n - 1).bit_length())
 
 
 def _tree_bytes(tree: PyTree) -> int:
@@ -372,8 +380,11 @@ def lm_ntk_from_parts(parts: LMParts, input_ids1, input_ids2=None, *, attention_
     if parts.head.ndim != 2 or parts.head.shape[1] != parts.embedding.shape[1]:
         raise LMKernelError(f"head must be (V, d) with d = {parts.embedding.shape[1]}, got {parts.head.shape}")
 
-    tokens = np.unique(np.concatenate([ids1.ravel(), ids2.ravel()]))
-    local1, local2 = np.searchsorted(tokens, ids1), np.searchsorted(tokens, ids2)
+    distinct = np.unique(np.concatenate([ids1.ravel(), ids2.ravel()]))
+    local1, local2 = np.searchsorted(distinct, ids1), np.searchsorted(distinct, ids2)
+    # |S| padded to a power of two (repeats of one id, rows no input looks up, whose terms are
+    # exactly zero) so that contexts with different token counts share compiled code.
+    tokens = np.concatenate([distinct, np.full(_bucket(distinct.size) - distinct.size, distinct[0])])
     theta = {"body": parts.body_params, "rows": parts.embedding[jnp.asarray(tokens)]}
     mask1 = None if attention_mask1 is None else jnp.asarray(attention_mask1)
     mask2 = None if attention_mask2 is None else jnp.asarray(attention_mask2)
@@ -384,7 +395,7 @@ def lm_ntk_from_parts(parts: LMParts, input_ids1, input_ids2=None, *, attention_
 
     ctx = jax.default_matmul_precision(precision) if precision else _null()
     with ctx:
-        feats = jax.jit(_features, static_argnames=("body_fn",))
+        feats = _features_jit
         z1 = feats(parts.body_fn, theta, *x1)
         x2_all = (jnp.asarray(local2), jnp.asarray(ids2), mask2, jnp.asarray(pos2))
         z2 = z1 if same and positions2 is positions1 and attention_mask2 is attention_mask1 \
