@@ -221,6 +221,14 @@ def _as_record(item: ProbeRecord | PreferenceExample) -> ProbeRecord:
     return item if isinstance(item, ProbeRecord) else ProbeRecord(item)
 
 
+def _draw_excluding(rng: np.random.Generator, n: int, exclude: Sequence[int]) -> int:
+    """A uniform draw from ``range(n)`` minus the distinct values ``exclude`` (O(len(exclude)))."""
+    value = int(rng.integers(n - len(exclude)))
+    for e in sorted(exclude):
+        value += value >= e
+    return value
+
+
 def probe_texts_from_records(
     train: Sequence[ProbeRecord | PreferenceExample],
     held_out: Sequence[ProbeRecord | PreferenceExample],
@@ -289,10 +297,8 @@ def probe_texts_from_records(
 
     for u, r in zip(chosen_idx, probes):
         if "other_train" in responses:
-            others = [i for i in range(len(train)) if i != u]
-            j = int(rng.choice(others))
-            rest = [i for i in others if i != j]
-            k = int(rng.choice(rest)) if rest else j
+            j = _draw_excluding(rng, len(train), [u])
+            k = _draw_excluding(rng, len(train), [u, j]) if len(train) > 2 else j
             responses["other_train"].append(train[j].example.chosen)
             sources["other_train"].append(j)
             responses["shuffled_other"].append(shuffle_words(train[k].example.chosen, rng))
@@ -301,10 +307,13 @@ def probe_texts_from_records(
             t = int(rng.integers(len(held)))
             responses["other_test"].append(held[t].example.chosen)
             sources["other_test"].append(t)
-            pool = [i for i in range(len(held)) if i != t] or [t]
-            picks = rng.choice(len(pool), min(RANDOM_SENTENCE_CANDIDATES, len(pool)), replace=False)
+            if len(held) > 1:  # candidates: distinct held-out records other than t
+                picks = rng.choice(len(held) - 1, min(RANDOM_SENTENCE_CANDIDATES, len(held) - 1), replace=False)
+                pool = [int(i) + (int(i) >= t) for i in picks]
+            else:
+                pool = [t]
             target = len(r.example.chosen.split())
-            s = min((pool[int(i)] for i in picks), key=lambda i: abs(len(held[i].example.rejected.split()) - target))
+            s = min(pool, key=lambda i: abs(len(held[i].example.rejected.split()) - target))
             responses["random_sentence"].append(held[s].example.rejected)
             sources["random_sentence"].append(s)
         responses["shuffled_chosen"].append(shuffle_words(r.example.chosen, rng))
@@ -345,9 +354,9 @@ def probe_texts_from_world(world, num_prompts: int | None = None) -> ProbeTexts:
     Raises:
       ValueError: ``num_prompts`` larger than the world's ``num_probe``.
     """
-    probes = world.probes if num_prompts is None else world.probes[:num_prompts]
     if num_prompts is not None and not 1 <= num_prompts <= len(world.probes):
         raise ValueError(f"num_prompts must be in [1, {len(world.probes)}] (WorldConfig.num_probe), got {num_prompts}")
+    probes = world.probes if num_prompts is None else world.probes[:num_prompts]
     responses = {f: tuple(p.responses[f] for p in probes) for f in PROBE_FAMILIES}
     sources = {f: tuple(int(p.sources[f]) for p in probes) for f in ("other_train", "other_test", "shuffled_other")}
     notes = {"random_sentence": "a fresh sentence of the world's narrative generator, the closest in word count "
@@ -584,18 +593,21 @@ class ProbeScorer:
                              f"omitted: {dict(probe_set.texts.omitted)})")
         n = probe_set.num_prompts
         chunk = min(n, self.batch_size or n)
-        out = {}
+        pending = {}  # every pass is dispatched before any result is fetched (no sync in between)
         for family in families:
             arrays = probe_set.arrays[family]
-            parts = []
+            pending[family] = []
             for start in range(0, n, chunk):
                 idx = np.arange(start, start + chunk)
                 valid = idx < n
                 take = np.where(valid, idx, start)
                 batch = [np.asarray(arrays[k])[take] for k in ("input_ids", "attention_mask", "loss_mask")]
-                result = jax.device_get(self._run(params, *batch))
-                parts.append({k: np.asarray(v)[valid] for k, v in result.items()})
-            joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                pending[family].append((valid, self._run(params, *batch)))
+        fetched = jax.device_get(pending)  # (a dict pytree comes back with sorted keys)
+        out = {}
+        for family in families:
+            parts = fetched[family]
+            joined = {k: np.concatenate([np.asarray(r[k])[valid] for valid, r in parts]) for k in parts[0][1]}
             out[family] = FamilyScores(**joined)
         return out
 

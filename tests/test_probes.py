@@ -325,3 +325,14 @@ def test_word_tokenizer_of_a_file_covers_its_probe_fields(tmp_path):
     probe_set = probes.tokenize_probes(texts, tokenizer, max_length=48, max_prompt_length=24)
     unk = tokenizer.token_to_id("<unk>")
     assert all((probe_set.arrays[f]["input_ids"] != unk).all() for f in probe_set.families)
+
+
+def test_partner_draws_are_uniform_over_the_other_records():
+    from ldjax.probes import _draw_excluding
+    rng = np.random.default_rng(0)
+    for exclude in ([1, 4], [4, 1], [0], [5]):
+        draws = np.array([_draw_excluding(rng, 6, exclude) for _ in range(6000)])
+        allowed = sorted(set(range(6)) - set(exclude))
+        assert sorted(set(draws.tolist())) == allowed
+        counts = np.bincount(draws, minlength=6)[allowed]
+        assert abs(counts / len(draws) - 1 / len(allowed)).max() < 0.03
