@@ -202,8 +202,8 @@ def _jacobian_contraction_block(f, params, x1, x2, trace, diagonal, same):
     return functools.reduce(jnp.add, blocks)
 
 
-@functools.partial(jax.jit, static_argnames=("f", "trace", "diagonal"))
-def _ntk_vector_products_block(f, params, x1, x2, trace, diagonal):
+@functools.partial(jax.jit, static_argnames=("f", "trace", "diagonal", "basis_batch_size"))
+def _ntk_vector_products_block(f, params, x1, x2, trace, diagonal, basis_batch_size=None):
     f_single = _per_example(f)
 
     def pair(a, b):
@@ -218,7 +218,12 @@ def _ntk_vector_products_block(f, params, x1, x2, trace, diagonal):
             return jax.jvp(fa, (params,), jax.vjp(fb, params)[1](g))[1]
 
         basis = jnp.eye(math.prod(ya.shape), dtype=ya.dtype).reshape((-1,) + ya.shape)
-        rows = jax.vmap(jax.linear_transpose(kernel_times, yb))(basis)[0]
+        row = lambda e: jax.linear_transpose(kernel_times, yb)(e)[0]  # noqa: E731
+        if basis_batch_size is None:
+            rows = jax.vmap(row)(basis)
+        else:
+            # Sequential batches of output directions: memory ~ basis_batch_size gradients.
+            rows = jax.lax.map(row, basis, batch_size=basis_batch_size)
         return rows.reshape(ya.shape + yb.shape)
 
     # (N1, N2, *out1, *out2): every pair of examples.
@@ -341,6 +346,7 @@ def empirical_ntk(
     diagonal_axes: int | Sequence[int] = (),
     implementation: str = "auto",
     batch_size: int | None = None,
+    basis_batch_size: int | None = None,
 ) -> jax.Array:
     """The exact empirical NTK ``J(x1) J(x2)ᵀ`` of ``f`` at ``params``.
 
@@ -358,6 +364,10 @@ def empirical_ntk(
         picks) or ``"auto"`` (the cheaper one by :func:`estimate_costs`).
       batch_size: if set, ``x1`` and ``x2`` are processed in chunks of at most this many
         examples, bounding memory; the result is identical.
+      basis_batch_size: NTK-vector products only: the output directions (one VJP and one JVP
+        each) are processed this many at a time instead of all at once, so memory holds that
+        many parameter-sized vectors (what makes a V×V logit block of a large-vocabulary LM
+        fit); the result is identical.
 
     Returns:
       The kernel in neural-tangents' layout: for each output axis ``i`` of ``f`` in order,
@@ -370,8 +380,12 @@ def empirical_ntk(
     """
     if implementation not in IMPLEMENTATIONS:
         raise NTKError(f"unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise NTKError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    for name, value in (("batch_size", batch_size), ("basis_batch_size", basis_batch_size)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise NTKError(f"{name} must be a positive integer or None, got {value!r}")
+    if basis_batch_size is not None and implementation not in ("auto", "ntk_vector_products"):
+        raise NTKError(f"basis_batch_size applies to implementation='ntk_vector_products', not "
+                       f"{implementation!r}")
     _check_params(params)
     same = x2 is None
     x2 = x1 if same else x2
@@ -395,7 +409,9 @@ def empirical_ntk(
                            f"x2, got f(x1) {shape1} and f(x2) {shape2}")
 
     strategy = implementation
-    if implementation in ("auto", "neural_tangents"):
+    if basis_batch_size is not None:
+        strategy = "ntk_vector_products"
+    elif implementation in ("auto", "neural_tangents"):
         strategy = estimate_costs(f, params, x1, x2, trace_axes=trace,
                                   diagonal_axes=diagonal)["choice"]
 
@@ -405,7 +421,7 @@ def empirical_ntk(
                                           diagonal, strategy)
         if strategy == "jacobian_contraction":
             return _jacobian_contraction_block(f, params, a, b, trace, diagonal, same_block)
-        return _ntk_vector_products_block(f, params, a, b, trace, diagonal)
+        return _ntk_vector_products_block(f, params, a, b, trace, diagonal, basis_batch_size)
 
     rows, cols = _chunks(n1, batch_size), _chunks(n2, batch_size)
     if 0 in trace:

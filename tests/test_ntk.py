@@ -224,6 +224,19 @@ def test_batch_size_chunking_is_identical(implementation, trace, diagonal):
                  ntk.empirical_ntk(mlp, params, x1, x1, implementation=implementation), 1e-14)
 
 
+@pytest.mark.parametrize("trace,diagonal", [((), ()), ((-1,), (0,)), ((0,), ())])
+def test_basis_batch_size_is_identical(trace, diagonal):
+    """Output directions in sequential batches (ragged last one included) give the same kernel."""
+    k = jax.random.split(jax.random.PRNGKey(5), 3)
+    params = init_mlp(k[0], 3, 4, (2, 3))  # 6 output directions per example
+    x1, x2 = jax.random.normal(k[1], (3, 3)), jax.random.normal(k[2], (3, 3))
+    whole = reference_kernel(mlp, params, x1, x2, trace, diagonal)
+    for bs in (1, 4, 6):
+        got = ntk.empirical_ntk(mlp, params, x1, x2, trace_axes=trace, diagonal_axes=diagonal,
+                                implementation="ntk_vector_products", basis_batch_size=bs)
+        assert_close(got, whole, 1e-13)
+
+
 def test_sequence_outputs_and_pytree_inputs():
     """A causal mixing model with (N, T, V) outputs and a dict input: examples stay
     independent, positions interact (position t sees positions ≤ t)."""
@@ -342,6 +355,11 @@ def test_errors(setup):
         ntk.empirical_ntk(mlp, params, x1, x2, implementation="structured")
     with pytest.raises(ValueError, match="batch_size"):
         ntk.empirical_ntk(mlp, params, x1, x2, batch_size=0)
+    with pytest.raises(ValueError, match="basis_batch_size must be a positive integer"):
+        ntk.empirical_ntk(mlp, params, x1, x2, basis_batch_size=0)
+    with pytest.raises(ValueError, match="basis_batch_size applies to"):
+        ntk.empirical_ntk(mlp, params, x1, x2, implementation="jacobian_contraction",
+                          basis_batch_size=2)
     with pytest.raises(ValueError, match="tangent must have the structure of params"):
         ntk.jacobian_vector_product(mlp, params, x1, {"head": params["head"]})
     wrong = jax.tree_util.tree_map(jnp.ones_like, params)
