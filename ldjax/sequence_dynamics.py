@@ -436,6 +436,16 @@ def _coefficients_from_logits(objective: Objective, logits: tuple[jax.Array, ...
     return scale * c_plus, scale * c_minus
 
 
+# Small graphs, one compile per objective instead of many op-by-op dispatches.
+_coefficients_jit = jax.jit(_coefficients_from_logits, static_argnums=0)
+_loss_jit = jax.jit(_loss_from_logits, static_argnums=0)
+
+
+@jax.jit
+def _residual(logits, input_ids, loss_mask, coefficient):
+    return sequence_residual(logits, input_ids, loss_mask, coefficient).astype(logits.dtype)
+
+
 def _check_coefficients(coefficients, sides, where: str) -> tuple[jax.Array, ...]:
     coefficients = tuple(coefficients)
     if len(coefficients) != len(sides):
@@ -474,7 +484,7 @@ def _coefficients(apply_fn, params, batch: Batch, objective: Objective, coeffici
         logits = (None,)
     else:
         logits = tuple(_forward(apply_fn, params, inputs) for inputs, _ in sides)
-    return _coefficients_from_logits(objective, logits, sides, _refs(batch, objective))
+    return _coefficients_jit(objective, logits, sides, _refs(batch, objective))
 
 
 def update_loss(apply_fn: ApplyFn, params: PyTree, update_batch: Batch, objective: Objective) -> jax.Array:
@@ -487,7 +497,7 @@ def update_loss(apply_fn: ApplyFn, params: PyTree, update_batch: Batch, objectiv
     _check_update_batch(update_batch, objective, "update_loss")
     sides = _sides(update_batch, objective)
     logits = tuple(_forward(apply_fn, params, inputs) for inputs, _ in sides)
-    return _loss_from_logits(objective, logits, sides, _refs(update_batch, objective))
+    return _loss_jit(objective, logits, sides, _refs(update_batch, objective))
 
 
 def update_coefficients(apply_fn: ApplyFn, params: PyTree, update_batch: Batch,
@@ -519,8 +529,7 @@ def update_residuals(apply_fn: ApplyFn, params: PyTree, update_batch: Batch, obj
     coefficients = _coefficients(apply_fn, params, update_batch, objective, coefficients, where)
     residuals = []
     for (inputs, mask), c in zip(_sides(update_batch, objective), coefficients):
-        logits = _forward(apply_fn, params, inputs)
-        residuals.append(sequence_residual(logits, inputs["input_ids"], mask, c).astype(logits.dtype))
+        residuals.append(_residual(_forward(apply_fn, params, inputs), inputs["input_ids"], mask, c))
     return tuple(residuals)
 
 
@@ -733,8 +742,8 @@ def predict_sgd(apply_fn: ApplyFn, params: PyTree, update_batch: Batch, observed
                               negative=_changes(tokens[1]))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "positions_per_batch"))
-def _position_tokens(apply_fn, params, sides, observed, coefficients, lr, chunk_size, positions_per_batch):
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size"))
+def _position_tokens(apply_fn, params, sides, observed, coefficients, lr, chunk_size):
     _, residuals, pullbacks = _residuals_and_pullbacks(apply_fn, params, sides, coefficients)
     out = []
     for g, pullback in zip(residuals, pullbacks):
@@ -742,12 +751,11 @@ def _position_tokens(apply_fn, params, sides, observed, coefficients, lr, chunk_
         # One cotangent per (sequence, logits row): G restricted to that row.
         basis = jnp.eye(b * t, dtype=g.dtype).reshape(b * t, b, t)
 
-        def one(select, g=g, pullback=pullback):
-            direction = pullback(select[..., None] * g)[0]
-            direction = jax.tree_util.tree_map(lambda d: (-lr * d)[None], direction)
-            return _directional_changes(apply_fn, params, observed, direction, chunk_size)[0]
-
-        rows = jax.lax.map(one, basis, batch_size=positions_per_batch).reshape((b, t) + observed["input_ids"].shape)
+        # Every position at once: one vmapped VJP gives B_u·T_u directions, one vmapped JVP per chunk.
+        directions = jax.vmap(lambda select: pullback(select[..., None] * g)[0])(basis)
+        directions = jax.tree_util.tree_map(lambda d: -lr * d, directions)
+        rows = _directional_changes(apply_fn, params, observed, directions, chunk_size)
+        rows = rows.reshape((b, t) + observed["input_ids"].shape)
         # Row l-1 holds update token l's residual; the last row's residual is zero.
         out.append(jnp.concatenate([jnp.zeros_like(rows[:, :1]), rows[:, :-1]], axis=1))
     return tuple(out)
@@ -772,13 +780,14 @@ def _positions_result(per_side: tuple[jax.Array, ...]) -> PositionContributions:
 
 def position_contributions(apply_fn: ApplyFn, params: PyTree, update_batch: Batch, observed_batch: Batch,
                            objective: Objective, *, lr: float, chunk_size: int | None = None,
-                           positions_per_batch: int | None = None, coefficients=None) -> PositionContributions:
+                           coefficients=None) -> PositionContributions:
     """The SGD prediction split over update token positions (small update batches).
 
     The contribution of update token ``l`` of sequence ``b`` is the JVP along ``−η J(χ_b)ᵀ
     [G]_{l-1}``, the gradient of that position's residual alone:
     ``−η Σ [A]_m [K]_{m,l-1} [G]_{l-1}`` (SPEC §1.2–1.3). One VJP and one JVP per update
-    position, vmapped (``positions_per_batch`` at a time; ``None``: all). Positions that are not
+    position, vmapped over all positions (memory: B_u·T_u parameter-sized directions, so for
+    small update batches; the observed side is chunked as usual). Positions that are not
     scored (padding, prompt, ``l = 0``) contribute exactly zero. Grouped over chosen and rejected
     positions they give the positive and negative terms of :func:`predict_sgd`, and all together
     its total.
@@ -791,12 +800,9 @@ def position_contributions(apply_fn: ApplyFn, params: PyTree, update_batch: Batc
     """
     where = "position_contributions"
     _check_update_and_observed(apply_fn, params, update_batch, observed_batch, objective, chunk_size, where)
-    if positions_per_batch is not None and (not isinstance(positions_per_batch, int) or positions_per_batch < 1):
-        raise SequenceDynamicsError(f"{where}: positions_per_batch must be a positive integer or None, "
-                                    f"got {positions_per_batch!r}")
     coefficients = _coefficients(apply_fn, params, update_batch, objective, coefficients, where)
     per_side = _position_tokens(apply_fn, params, _sides(update_batch, objective), _observed_arrays(observed_batch),
-                                coefficients, lr, chunk_size, positions_per_batch)
+                                coefficients, lr, chunk_size)
     return _positions_result(per_side)
 
 
