@@ -1,0 +1,251 @@
+"""The shared LM pipeline of the finetuning experiments: world → pretrained base → SFT → DPO.
+
+Every stage is one :func:`ldjax.cli.run` job in its own directory of a *run directory*
+(``run_dir/seed<k>/<stage>``). A stage is cached: its directory keeps ``stage.json`` with the
+job's config as JSON, the tag of any hook, and the key of the stage it starts from; a later
+call with the same key reuses ``model/`` and ``summary.json``, any other key deletes the stage
+directory and reruns it (so a changed pretraining config rebuilds the base model, and every
+stage built on top of it). The base model is keyed on its config's JSON like every other stage.
+
+Sources:
+
+- the embedded world (``data=""``, the default), or a preference JSONL file (``data=PATH``:
+  Anthropic-HH, UltraFeedback-binarized or plain ``{prompt, chosen, rejected}`` records; the
+  tiny model then pretrains on its prompts + chosen responses);
+- a tiny model pretrained here (``model=""``), or a local Hugging Face directory
+  (``model=DIR``: pretraining is skipped and the directory is the base model).
+
+Two hooks reach into a job without changing :mod:`ldjax.cli` (see :func:`run_stage`):
+``tracker_hook(tracker, model)`` may set the tracker's ``decompose_fn`` (the per-step
+decomposition of :mod:`ldjax.sequence_dynamics`), and ``optimizer_wrapper(optimizer)`` may wrap
+the job's optax optimizer (e.g. :func:`head_only` training).
+
+Presets: :meth:`PipelineConfig.quick_preset` (seconds; tests), the default (a few minutes on
+2 CPU cores) and :meth:`PipelineConfig.paper_preset` (Pythia-410M on Anthropic-HH with the
+paper's RMSprop recipe, :func:`ldjax.train.config.paper_rmsprop`; for a GPU/TPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import pathlib
+import shutil
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import optax
+
+from ldjax import cli
+from ldjax.config import to_dict
+from ldjax.train import optim
+from ldjax.train.config import DPOConfig, PretrainConfig, SFTConfig, paper_rmsprop
+
+TrackerHook = Callable[[Any, Any], None]  # (tracker, model) -> None
+OptimizerWrapper = Callable[[optax.GradientTransformation], optax.GradientTransformation]
+STAGE_FILE = "stage.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What the pipeline trains: data, model, and each stage's optimizer and length."""
+
+    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "cache of every stage (seed<k>/<stage>)"})
+    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL (hh/ultrafeedback/plain); empty = embedded world"})
+    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
+    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining); empty = tiny model"})
+    arch: str = dataclasses.field(default="gpt_neox", metadata={"help": "tiny model: gpt_neox (untied head) or qwen2 (tied)"})
+    d_model: int = dataclasses.field(default=64, metadata={"help": "tiny model width"})
+    num_layers: int = dataclasses.field(default=2, metadata={"help": "tiny model depth"})
+    num_heads: int = dataclasses.field(default=4, metadata={"help": "tiny model heads"})
+    max_length: int = dataclasses.field(default=64, metadata={"help": "tokens per sequence"})
+    max_prompt_length: int = dataclasses.field(default=24, metadata={"help": "prompt tokens kept"})
+    world_seed: int = dataclasses.field(default=0, metadata={"help": "embedded world seed (fixed over model seeds)"})
+    world_entities: int = dataclasses.field(default=100, metadata={"help": "embedded world: entities"})
+    world_train: int = dataclasses.field(default=320, metadata={"help": "embedded world: training pairs"})
+    world_test: int = dataclasses.field(default=80, metadata={"help": "embedded world: held-out pairs"})
+    world_pretrain: int = dataclasses.field(default=4000, metadata={"help": "embedded world: pretraining answers"})
+    pretrain_steps: int = dataclasses.field(default=600, metadata={"help": "pretraining steps"})
+    pretrain_lr: float = dataclasses.field(default=1e-3, metadata={"help": "pretraining AdamW lr"})
+    pretrain_batch_size: int = dataclasses.field(default=16, metadata={"help": "pretraining batch"})
+    optimizer: str = dataclasses.field(default="adam", metadata={"help": "SFT/DPO optimizer (sgd, adam, adamw, rmsprop)"})
+    sft_steps: int = dataclasses.field(default=160, metadata={"help": "SFT steps"})
+    sft_lr: float = dataclasses.field(default=1e-4, metadata={"help": "SFT learning rate"})
+    dpo_steps: int = dataclasses.field(default=120, metadata={"help": "DPO steps"})
+    dpo_lr: float = dataclasses.field(default=1e-5, metadata={"help": "DPO learning rate"})
+    batch_size: int = dataclasses.field(default=16, metadata={"help": "SFT/DPO batch"})
+    warmup_steps: int = dataclasses.field(default=0, metadata={"help": "SFT/DPO linear warm-up"})
+    clip_norm: float = dataclasses.field(default=0.0, metadata={"help": "SFT/DPO gradient clip (0 = off)"})
+    beta: float = dataclasses.field(default=0.1, metadata={"help": "DPO beta"})
+    track_every: int = dataclasses.field(default=10, metadata={"help": "probe tracking every k steps"})
+    track_prompts: int = dataclasses.field(default=32, metadata={"help": "probe prompts"})
+
+    @classmethod
+    def quick_preset(cls, **overrides: Any) -> "PipelineConfig":
+        """Seconds on a CPU: a tiny world, a width-32 model, a few dozen steps (tests)."""
+        values = dict(d_model=32, max_length=48, max_prompt_length=16, world_entities=12, world_train=24,
+                      world_test=8, world_pretrain=160, pretrain_steps=40, pretrain_batch_size=8, sft_steps=16,
+                      dpo_steps=12, batch_size=8, track_every=4, track_prompts=8, sft_lr=1e-3, dpo_lr=1e-4)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def paper_preset(cls, model: str, data: str, **overrides: Any) -> "PipelineConfig":
+        """The paper's setting (Ren & Sutherland 2025): Pythia-410M on Anthropic-HH, RMSprop 5e-7,
+        150 warm-up steps, batch 4, clip 10, β 0.1, length 512 (prompt 256); 2 SFT and 4 DPO epochs
+        of 5,000 pairs. ``model`` is a local Pythia directory, ``data`` an HH JSONL. For a GPU/TPU."""
+        rms = paper_rmsprop()
+        values = dict(model=model, data=data, data_format="hh", max_length=512, max_prompt_length=256,
+                      optimizer=rms.optimizer, sft_lr=rms.learning_rate, dpo_lr=rms.learning_rate,
+                      warmup_steps=rms.warmup_steps, clip_norm=rms.clip_norm, batch_size=4, beta=0.1,
+                      sft_steps=2 * 5000 // 4, dpo_steps=4 * 5000 // 4, track_every=50, track_prompts=500)
+        values.update(overrides)
+        return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One finished (or reused) job: its directory, model directory, summary and cache key."""
+
+    name: str
+    out: pathlib.Path
+    model_dir: str
+    summary: Mapping[str, Any]
+    key: str
+    reused: bool
+    seconds: float
+
+    @property
+    def tracking_file(self) -> pathlib.Path:
+        return self.out / "tracking.jsonl"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _job_hooks(tracker_hook: TrackerHook | None, optimizer_wrapper: OptimizerWrapper | None) -> Iterator[None]:
+    """Temporarily wraps ``ldjax.cli._make_tracker`` and ``ldjax.train.optim.build_optimizer``.
+
+    ldjax's CLI has no parameter for a tracker's ``decompose_fn`` nor for a trainable subset;
+    these two module attributes are the places where a job creates them, so wrapping them (and
+    restoring them afterwards) adds both without touching ldjax.
+    """
+    make_tracker, build_optimizer = cli._make_tracker, optim.build_optimizer
+
+    def hooked_tracker(command, config, out, model, *args, **kwargs):
+        tracker = make_tracker(command, config, out, model, *args, **kwargs)
+        if tracker_hook is not None:
+            tracker_hook(tracker, model)
+        return tracker
+
+    def wrapped_optimizer(config, num_steps=None):
+        opt = build_optimizer(config, num_steps)
+        return optimizer_wrapper(opt) if optimizer_wrapper is not None else opt
+
+    cli._make_tracker, optim.build_optimizer = hooked_tracker, wrapped_optimizer
+    try:
+        yield
+    finally:
+        cli._make_tracker, optim.build_optimizer = make_tracker, build_optimizer
+
+
+def run_stage(command: str, job_config, *, parent: Stage | None = None, tag: str = "",
+              tracker_hook: TrackerHook | None = None, optimizer_wrapper: OptimizerWrapper | None = None) -> Stage:
+    """Runs ``ldjax <command>`` into ``job_config.out``, or reuses it when its key matches.
+
+    The key is the digest of the job config's JSON, the parent stage's key (a rebuilt parent
+    invalidates everything on top of it) and ``tag`` (name any hook here: hooks change what is
+    written, e.g. decomposition records, or what is trained).
+    """
+    out = pathlib.Path(job_config.out)
+    body = {"command": command, "config": to_dict(job_config), "parent": parent.key if parent else None, "tag": tag}
+    key = _digest(body)
+    stage_file = out / STAGE_FILE
+    if stage_file.exists() and (out / "model").is_dir() and (out / "summary.json").exists():
+        old = json.loads(stage_file.read_text())
+        if old.get("key") == key:
+            return Stage(out.name, out, str(out / "model"), json.loads((out / "summary.json").read_text()), key,
+                         True, float(old.get("seconds", 0.0)))
+    if out.exists():
+        shutil.rmtree(out)
+    start = time.perf_counter()
+    with _job_hooks(tracker_hook, optimizer_wrapper):
+        summary = cli.run(command, job_config)
+    seconds = time.perf_counter() - start
+    stage_file.write_text(json.dumps({"key": key, "seconds": seconds, **body}, indent=1, default=str))
+    return Stage(out.name, out, str(out / "model"), summary, key, False, seconds)
+
+
+class Pipeline:
+    """Builds (or reuses) the stages of one :class:`PipelineConfig` in ``config.run_dir``."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.root = pathlib.Path(config.run_dir)
+
+    def _common(self, seed: int, out: pathlib.Path, model: str) -> dict[str, Any]:
+        c = self.config
+        return dict(out=str(out), seed=seed, model=model, arch=c.arch, d_model=c.d_model, num_layers=c.num_layers,
+                    num_heads=c.num_heads, data=c.data, data_format=c.data_format, max_length=c.max_length,
+                    max_prompt_length=c.max_prompt_length, world_seed=c.world_seed, world_entities=c.world_entities,
+                    world_train=c.world_train, world_test=c.world_test, world_pretrain=c.world_pretrain,
+                    progress=False, log_every=max(1, c.track_every), resume=False)
+
+    def _finetune(self, seed: int, out: pathlib.Path, model: str, steps: int, lr: float) -> dict[str, Any]:
+        c = self.config
+        return dict(self._common(seed, out, model), optimizer=c.optimizer, learning_rate=lr, num_steps=steps,
+                    batch_size=c.batch_size, warmup_steps=c.warmup_steps, clip_norm=c.clip_norm,
+                    track_every=c.track_every, track_prompts=c.track_prompts)
+
+    def base(self, seed: int) -> Stage:
+        """The base model: ``config.model`` as given, or a tiny model pretrained (and cached) here."""
+        c = self.config
+        if c.model:
+            return Stage("base", pathlib.Path(c.model), c.model, {}, _digest({"model": c.model}), True, 0.0)
+        job = PretrainConfig(**dict(self._common(seed, self.root / f"seed{seed}" / "base", "tiny"), optimizer="adamw",
+                                    learning_rate=c.pretrain_lr, num_steps=c.pretrain_steps,
+                                    batch_size=c.pretrain_batch_size, log_every=max(1, c.pretrain_steps // 10)))
+        return run_stage("pretrain", job)
+
+    def sft(self, seed: int, start: Stage, *, name: str = "sft", tag: str = "", tracker_hook: TrackerHook | None = None,
+            **overrides: Any) -> Stage:
+        """SFT on (prompt, chosen) from ``start`` (``overrides``: any :class:`SFTConfig` field)."""
+        c = self.config
+        fields = dict(self._finetune(seed, self.root / f"seed{seed}" / name, start.model_dir, c.sft_steps, c.sft_lr),
+                      **overrides)
+        return run_stage("sft", SFTConfig(**fields), parent=start, tag=tag, tracker_hook=tracker_hook)
+
+    def dpo(self, seed: int, start: Stage, *, name: str = "dpo", tag: str = "", tracker_hook: TrackerHook | None = None,
+            optimizer_wrapper: OptimizerWrapper | None = None, **overrides: Any) -> Stage:
+        """Off-policy DPO from ``start`` (its own reference); ``overrides``: any :class:`DPOConfig` field."""
+        c = self.config
+        fields = dict(self._finetune(seed, self.root / f"seed{seed}" / name, start.model_dir, c.dpo_steps, c.dpo_lr),
+                      beta=c.beta, **overrides)
+        return run_stage("dpo", DPOConfig(**fields), parent=start, tag=tag, tracker_hook=tracker_hook,
+                         optimizer_wrapper=optimizer_wrapper)
+
+
+# ------------------------------------------------------------------------- trainable subsets
+
+def param_labels(params, trainable: Callable[[str], bool]):
+    """``"train"`` / ``"freeze"`` per leaf of a params pytree, by its key path (``jax.tree_util.keystr``)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "train" if trainable(jax.tree_util.keystr(path)) else "freeze", params)
+
+
+def is_head(path: str) -> bool:
+    """Whether a parameter path belongs to the untied output head (``lm_head``)."""
+    return "'lm_head'" in path
+
+
+def head_only(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` on the ``lm_head`` parameters; every other parameter gets a zero update.
+
+    The wrapped optimizer (clipping included) sees only the head's gradient.
+    """
+    return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()},
+                                 lambda params: param_labels(params, is_head))
