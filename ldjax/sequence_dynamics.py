@@ -53,6 +53,11 @@ Inputs are the training engine's batch dicts: ``input_ids``/``attention_mask``/`
 x["input_ids"])`` for right-padded batches). The model must be causal (row ``t`` sees tokens
 ``≤ t``); the explicit route right-pads observed and update sequences to one length.
 
+Every function is pure and jit-able (value checks of the masks run only on concrete arrays);
+the compiled kernels take the residual coefficients as data, so one compilation serves every
+loss type. For exactness checks use float64 on CPU, or ``jax.default_matmul_precision("highest")``
+on accelerators (SPEC §1.5).
+
 Reference: Y. Ren, D. J. Sutherland, "Learning Dynamics of LLM Finetuning", ICLR 2025,
 arXiv:2407.10490, §3 (eq. (5)–(7)) and Appendix B.
 """
@@ -306,7 +311,7 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_sequences(batch: Batch, prefix: str, where: str, require_response: bool = True) -> int:
+def _check_sequences(batch: Batch, prefix: str, where: str) -> int:
     """Checks one side's (B, T) arrays; returns B. Value checks only on concrete arrays."""
     keys = [prefix + k for k in SEQUENCE_KEYS]
     missing = [k for k in keys if k not in batch]
@@ -329,7 +334,7 @@ def _check_sequences(batch: Batch, prefix: str, where: str, require_response: bo
             rows = sorted(set(np.nonzero(scored & ~real)[0].tolist()))
             raise SequenceDynamicsError(
                 f"{where}: {keys[2]} scores padding tokens ({keys[1]} = 0) in rows {rows}")
-        if require_response and not np.all(scored.any(axis=1)):
+        if not np.all(scored.any(axis=1)):
             rows = np.nonzero(~scored.any(axis=1))[0].tolist()
             raise SequenceDynamicsError(
                 f"{where}: empty response in rows {rows}: {keys[2]} scores no token after position 0")
