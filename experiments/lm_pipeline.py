@@ -27,6 +27,7 @@ paper's RMSprop recipe, :func:`ldjax.train.config.paper_rmsprop`; for a GPU/TPU)
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import hashlib
 import json
@@ -249,3 +250,192 @@ def head_only(optimizer: optax.GradientTransformation) -> optax.GradientTransfor
     """
     return optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()},
                                  lambda params: param_labels(params, is_head))
+
+
+# ------------------------------------------------------------------------- shared analysis
+
+def enable_compile_cache(path: str | pathlib.Path) -> None:
+    """Turns on JAX's persistent compilation cache in ``path``.
+
+    Every stage builds fresh jitted closures, so without it each job (and each seed) compiles
+    again; with it a job whose computation was already compiled loads it from disk (a seed's
+    second job starts in seconds instead of ~20 s on 2 CPU cores). Trajectories are unchanged.
+    """
+    pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+CURVE_KEYS = ("argmax_chosen", "argmax_rejected")
+
+
+def read_curves(stage: Stage) -> dict[str, Any]:
+    """Probe curves of a tracked stage: ``{"steps": [...], "logps": {family: [mean]}, "a_norm": [...],
+    "off_argmax": [...], "decompose": [(step, record)]}`` (means over the probe prompts; ``a_norm`` and
+    ``off_argmax`` along ``chosen``)."""
+    from ldjax.tracking import read_tracking
+    records = read_tracking(stage.tracking_file)
+    if not records:
+        raise FileNotFoundError(f"{stage.tracking_file}: no tracking records")
+    families = list(records[0]["logps"])
+    return {"steps": [r["step"] for r in records],
+            "logps": {f: [r["logps"][f]["mean"] for r in records] for f in families},
+            "a_norm": [r["a_norm"]["chosen"]["mean"] for r in records],
+            "off_argmax": [r["off_argmax"]["chosen"]["mean"] for r in records],
+            "decompose": [(r["step"], r["decompose"]) for r in records if r.get("decompose")]}
+
+
+def plot_curves(curves_by_seed: list[dict[str, Any]], path: str | pathlib.Path, title: str) -> None:
+    """One panel per probe family (plus ‖A‖_F and off-argmax log-mass along chosen): the change
+    from step 0 of the mean log-prob, mean over seeds with a min–max band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(curves_by_seed[0]["logps"]) + ["a_norm", "off_argmax"]
+    cols = 4
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ys = []
+        for c in curves_by_seed:
+            y = np.asarray(c["logps"][name] if name in c["logps"] else c[name], float)
+            ys.append(y - y[0])
+        n = min(len(y) for y in ys)
+        ys = np.stack([y[:n] for y in ys])
+        steps = np.asarray(curves_by_seed[0]["steps"][:n])
+        ax.plot(steps, ys.mean(0), color="C0")
+        ax.fill_between(steps, ys.min(0), ys.max(0), color="C0", alpha=0.25)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_title(name, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{title} (change from step 0; mean over {len(curves_by_seed)} seeds, band = min–max)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rise_then_fall(y) -> tuple[float, float]:
+    """``(peak − start, end − peak)`` of a curve: a rise-then-fall has the first > 0 and the second < 0."""
+    import numpy as np
+    y = np.asarray(y, float)
+    peak = float(y.max())
+    return peak - float(y[0]), float(y[-1]) - peak
+
+
+def rising_fraction(y) -> float:
+    """Share of the intervals between consecutive tracked steps over which the curve rose."""
+    import numpy as np
+    d = np.diff(np.asarray(y, float))
+    return float((d > 0).mean()) if len(d) else 0.0
+
+
+# ------------------------------------------------------------------------- per-step decomposition
+
+def _token_changes(apply_fn, params, update, input_ids, attention_mask, loss_mask):
+    """First-order ``Δ log π`` along ``update`` per response, read at the response's tokens and at
+    each position's argmax token (the teacher-forced ``y*``): two (B,) arrays. One JVP."""
+    import jax.numpy as jnp
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    logits, dz = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (update,))
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    dz = dz.astype(jnp.float32)
+    a_dz = dz - jnp.sum(probs * dz, axis=-1, keepdims=True)  # A Δz per logits row
+    next_ids = input_ids[:, 1:]
+    at_y = jnp.take_along_axis(a_dz[:, :-1], next_ids[..., None], axis=-1)[..., 0]
+    at_star = jnp.take_along_axis(a_dz[:, :-1], jnp.argmax(logits[:, :-1], -1)[..., None], axis=-1)[..., 0]
+    scored = (loss_mask[:, 1:] != 0).astype(jnp.float32)
+    return (at_y * scored).sum(-1), (at_star * scored).sum(-1)
+
+
+def split_update(update, grads, trainable_head: Callable[[str], bool] = is_head):
+    """The update actually taken, split by gradient term and by head/body.
+
+    ``grads`` are the per-term training gradients (SFT ``(∇L,)``; preference ``(d⁺, d⁻)``,
+    :func:`ldjax.sequence_dynamics.training_gradients`). Term ``s`` gets ``u ⊙ d_s / Σ_s d_s``
+    elementwise: exact for SGD and for any elementwise preconditioner without history (RMSprop
+    without momentum, the paper's); for Adam the share of the current gradient is attributed by
+    the same ratio and what is left (``u`` where the current gradient is zero) goes to ``rest``.
+    Each term is then split into its ``lm_head`` part and the rest (``body``).
+
+    Returns:
+      ``{"<term>/<head|body>": update pytree}`` for terms ``chosen``, ``rejected`` (preference
+      only) and ``rest``; all parts add up to ``update``.
+    """
+    import jax.numpy as jnp
+    total = jax.tree_util.tree_map(lambda *g: sum(g), *grads)
+    terms = {}
+    names = ("chosen", "rejected")[:len(grads)] if len(grads) > 1 else ("chosen",)
+    for name, g in zip(names, grads):
+        terms[name] = jax.tree_util.tree_map(
+            lambda u, gs, gt: jnp.where(gt != 0, u * gs / jnp.where(gt != 0, gt, 1), 0).astype(u.dtype), update, g, total)
+    terms["rest"] = jax.tree_util.tree_map(lambda u, *parts: u - sum(parts), update, *terms.values())
+    out = {}
+    for name, u in terms.items():
+        labels = param_labels(u, trainable_head)
+        head = jax.tree_util.tree_map(lambda x, lab: x if lab == "train" else jnp.zeros_like(x), u, labels)
+        out[f"{name}/head"] = head
+        out[f"{name}/body"] = jax.tree_util.tree_map(lambda x, h: x - h, u, head)
+    return out
+
+
+def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] | None = None,
+                       split_families: tuple[str, ...] = ("chosen", "rejected")) -> TrackerHook:
+    """A tracker hook whose ``decompose_fn`` decomposes every ``every``-th tracked step.
+
+    On the probe set (``families``, default all) it logs, per family (means over prompts):
+    ``predicted`` = ``A J_o u`` along the update really taken
+    (:func:`ldjax.sequence_dynamics.predict_for_update`) and ``actual`` = the change after the
+    step (:func:`ldjax.sequence_dynamics.actual_change`), with their per-response correlation
+    and relative gap ``‖pred − act‖ / ‖act‖``; and for ``split_families`` the first-order change
+    of the response and of its argmax path ``y*`` caused by each part of :func:`split_update`
+    (``terms[family][part] = [Δ log π(y), Δ y*]``).
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from ldjax import sequence_dynamics as sd
+
+    def hook(tracker, model) -> None:
+        apply_fn, _ = sd.lm_apply_fn(model)
+        probe = tracker.probe_set
+        fams = tuple(f for f in (families or probe.families) if f in probe.arrays)
+        p = probe.num_prompts
+        observed = {k: jnp.asarray(np.concatenate([probe.arrays[f][k] for f in fams])) for k in sd.SEQUENCE_KEYS}
+        token_changes = jax.jit(functools.partial(_token_changes, apply_fn))
+        calls = [0]
+
+        def decompose_fn(before, after, batch):
+            calls[0] += 1
+            if (calls[0] - 1) % every:
+                return {}
+            update = jax.tree_util.tree_map(lambda a, b: a - b, after, before)
+            pred = np.asarray(sd.predict_for_update(apply_fn, before, observed, update, chunk_size=p).responses)
+            act = np.asarray(sd.actual_change(apply_fn, before, after, observed, chunk_size=p).responses)
+            record: dict[str, Any] = {
+                "predicted": {f: float(pred[i * p:(i + 1) * p].mean()) for i, f in enumerate(fams)},
+                "actual": {f: float(act[i * p:(i + 1) * p].mean()) for i, f in enumerate(fams)},
+                "correlation": float(np.corrcoef(pred, act)[0, 1]) if np.std(act) > 0 and np.std(pred) > 0 else float("nan"),
+                "relative_gap": float(np.linalg.norm(pred - act) / max(np.linalg.norm(act), 1e-30)),
+                "update_norm": float(optax.global_norm(update))}
+            batch = {k: jnp.asarray(v) for k, v in batch.items()}
+            grads = sd.training_gradients(apply_fn, before, batch, objective)
+            parts = split_update(update, grads)
+            terms: dict[str, dict[str, list[float]]] = {}
+            for f in split_families:
+                if f not in probe.arrays:
+                    continue
+                a = probe.arrays[f]
+                terms[f] = {}
+                for name, u in parts.items():
+                    d_y, d_star = token_changes(before, u, *(jnp.asarray(a[k]) for k in sd.SEQUENCE_KEYS))
+                    terms[f][name] = [float(np.mean(d_y)), float(np.mean(d_star))]
+            record["terms"] = terms
+            return record
+
+        tracker.decompose_fn = decompose_fn
+
+    return hook
