@@ -68,7 +68,7 @@ class Config:
     sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's SFT steps (0 = keep)"})
     dpo_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's DPO steps (0 = keep)"})
     dpo_optimizer: str = dataclasses.field(default="sgd", metadata={"help": "DPO optimizer on the cpu preset (sgd: the decomposition's term split is exact); the paper preset uses its RMSprop"})
-    dpo_lr: float = dataclasses.field(default=0.0, metadata={"help": "DPO learning rate (0 = 2e-3 for sgd, 1e-5 otherwise; quick: 5x; paper: 5e-7)"})
+    dpo_lr: float = dataclasses.field(default=0.0, metadata={"help": "DPO learning rate (0 = 2e-3 for sgd, 1e-5 otherwise; paper: 5e-7)"})
     starts: tuple[str, ...] = dataclasses.field(default=STARTS, metadata={"help": "DPO starting points: sft, base"})
     trainable: tuple[str, ...] = dataclasses.field(default=TRAINABLE, metadata={"help": "full and/or head (lm_head only)"})
     sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics' decompose_every (to reuse its SFT stage)"})
@@ -90,7 +90,7 @@ def dpo_overrides(config: Config, pcfg: PipelineConfig) -> dict[str, Any]:
     """Optimizer fields of the DPO jobs."""
     if config.preset == "paper":
         return {}
-    lr = config.dpo_lr or (2e-3 if config.dpo_optimizer == "sgd" else 1e-5) * (5 if config.quick else 1)
+    lr = config.dpo_lr or (2e-3 if config.dpo_optimizer == "sgd" else 1e-5)
     return {"optimizer": config.dpo_optimizer, "learning_rate": lr}
 
 

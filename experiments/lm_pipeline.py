@@ -420,7 +420,7 @@ def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] |
                 "actual": {f: float(act[i * p:(i + 1) * p].mean()) for i, f in enumerate(fams)},
                 "correlation": float(np.corrcoef(pred, act)[0, 1]) if np.std(act) > 0 and np.std(pred) > 0 else float("nan"),
                 "relative_gap": float(np.linalg.norm(pred - act) / max(np.linalg.norm(act), 1e-30)),
-                "update_norm": float(optax.global_norm(update))}
+                "update_norm": float(optax.tree.norm(update))}
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
             grads = sd.training_gradients(apply_fn, before, batch, objective)
             parts = split_update(update, grads)
