@@ -35,3 +35,8 @@ def minor_faults() -> int:
     """Minor page faults of this process so far (getrusage): pages touched for the first time,
     e.g. memory freshly mapped by the allocator."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (getrusage's ru_maxrss, KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

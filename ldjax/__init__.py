@@ -9,6 +9,7 @@ Where things live:
 - ``ldjax.models``    NNX models: vision nets, causal transformers, Hugging Face import
 - ``ldjax.data``      MNIST (embedded and IDX), preference JSONL, the embedded world
 - ``ldjax.train``     jit-compiled train steps, optimizers, sharding, checkpoints
+- ``ldjax.xla_cpu_fixes`` an XLA:CPU flag (applied on import) that avoids a float32 miscompile
 - ``ldjax.host_memory`` glibc malloc settings (applied on import) that keep XLA:CPU's per-step
   scratch buffer mapped between steps instead of faulting it in afresh every step
 
@@ -23,3 +24,9 @@ __version__ = "0.1.0"
 from ldjax import host_memory as _host_memory
 
 _host_memory.retain_freed_memory()
+
+# Also before JAX's backends exist: keep XLA:CPU's YNNPACK reduce fusions off, which miscompile
+# float32 eNTKs of transformer-like functions on jaxlib 0.10 (see ldjax.xla_cpu_fixes).
+from ldjax import xla_cpu_fixes as _xla_cpu_fixes
+
+_xla_cpu_fixes.disable_ynn_reduce_fusion()
