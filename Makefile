@@ -54,6 +54,7 @@ test-fast: venv
 bench: bench-ntk bench-train
 bench-ntk: venv oracle-venv
 	$(PY) benchmarks/ntk.py --out benchmarks/results
+	$(PY) benchmarks/lm_ntk.py --out benchmarks/results
 bench-train: venv
 	$(PY) benchmarks/train.py --out benchmarks/results
 

@@ -310,6 +310,11 @@ def write_report(results: dict, out: pathlib.Path) -> None:
                      f"{row['kernel_entries']:.2e} | {_ms(row['implicit'])} "
                      f"({_mb(row['implicit'])}) | {_ms(row['explicit'])} ({_mb(row['explicit'])})"
                      f" | **{row['speedup']:.0f}×** | {row['max_rel_diff']:.1e} |")
+    lines += ["", "## Language models: the factored eNTK", "",
+              "The exact LM eNTK in factored form (`ldjax.ntk.lm_ntk`: `(z·z')I + W M Wᵀ`, tied cross "
+              "terms) against these dense routes, per token pair and 16×16 position grid at "
+              "V ∈ {4096, 32768, 50304}, d ∈ {128, 512, 768}, and the Pythia-160M-shaped check: "
+              "[lm_ntk.md](lm_ntk.md) (`python benchmarks/lm_ntk.py`)."]
     out.joinpath("ntk.md").write_text("\n".join(lines) + "\n")
 
 
