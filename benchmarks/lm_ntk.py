@@ -51,7 +51,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import process_stats  # noqa: E402
-from ldjax import lm_kernel, ntk  # noqa: E402
+from ldjax import lm_kernel, ntk, xla_cpu_fixes  # noqa: E402
 
 SEQ = 16
 GiB = 2 ** 30
@@ -77,6 +77,8 @@ class Config:
                                            metadata={"help": "neural-tangents environment ('' skips it)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "PRNG seed"})
     worker: str = dataclasses.field(default="", metadata={"help": "internal: 'size' or 'nt' (one size, JSON out)"})
+    nt_only: bool = dataclasses.field(
+        default=False, metadata={"help": "rerun only the neural-tangents side into an existing lm_ntk.json"})
     vocab: int = dataclasses.field(default=0, metadata={"help": "internal: the worker's V"})
     width: int = dataclasses.field(default=0, metadata={"help": "internal: the worker's d"})
     quick: bool = dataclasses.field(default=False, metadata={"help": "tiny sizes (a smoke test)"})
@@ -317,7 +319,9 @@ def _worker(config: Config, kind: str, vocab: int, width: int, python: str) -> d
                "--nt-memory-gib", str(config.nt_memory_gib),
                "--grid-widths", *map(str, config.grid_widths),
                "--seed", str(config.seed)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        # The oracle environment's jaxlib 0.5.3 aborts on the flag ldjax adds for newer ones.
+        env = dict(xla_cpu_fixes.environ_without_flag(), PYTHONPATH=str(ROOT),
+                   JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
         done = subprocess.run(cmd, env=env)
         if done.returncode:
             return {"vocab": vocab, "d": width, "error": f"worker exited with status {done.returncode}"}
@@ -420,6 +424,15 @@ def main(config: Config) -> dict:
     else:
         sizes = [tuple(config.side_by_side)] + [(v, w) for v in config.vocabs for w in config.widths]
     oracle = ROOT / config.oracle_python if config.oracle_python else None
+    if config.nt_only:
+        results = json.loads(out.joinpath("lm_ntk.json").read_text())
+        for row in results["sizes"]:
+            print(f"V={row['vocab']} d={row['d']}: neural-tangents", file=sys.stderr, flush=True)
+            results["nt"][f"{row['vocab']}x{row['d']}"] = _worker(config, "nt", row["vocab"], row["d"], str(oracle))
+        out.joinpath("lm_ntk.json").write_text(json.dumps(results, indent=2))
+        write_report(results, out)
+        print(out.joinpath("lm_ntk.md").read_text())
+        return results
     results = {"machine": machine(), "config": dataclasses.asdict(config), "sizes": [], "nt": {}}
     for vocab, width in sizes:
         print(f"V={vocab} d={width}: ldjax", file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from ldjax import ntk  # noqa: E402
+from ldjax import ntk, xla_cpu_fixes  # noqa: E402
 from ldjax.config import parse_config  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -253,7 +253,7 @@ def run_oracle_worker(config: Config) -> dict | None:
            "--out", str(result_path), "--repeats", str(config.repeats), "--seed", str(config.seed)]
     if config.quick:
         cmd += ["--quick", "true"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    env = dict(xla_cpu_fixes.environ_without_flag(), PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     subprocess.run(cmd, check=True, env=env)
     data = json.loads(result_path.read_text())
     result_path.unlink()

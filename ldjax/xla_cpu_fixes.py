@@ -58,6 +58,15 @@ def disable_ynn_reduce_fusion() -> bool:
     return True
 
 
+def environ_without_flag(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) without :data:`FLAG`, for a child process that
+    may run an older jaxlib (e.g. neural-tangents' jax 0.5.3), which aborts on unknown flags."""
+    env = dict(os.environ if env is None else env)
+    if "XLA_FLAGS" in env:
+        env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if f != FLAG)
+    return env
+
+
 def status() -> dict[str, object]:
     """Whether the flag was applied and why (not)."""
     return dict(_status, flag=FLAG)

@@ -52,3 +52,8 @@ def test_applied_on_import_and_opt_out():
                              capture_output=True, text=True, check=True).stdout.split("\n")
         assert reason in out[0]
         assert out[1] == user_flags  # left exactly as the user set it
+
+
+def test_child_environment_for_older_jaxlib():
+    env = xla_cpu_fixes.environ_without_flag({"XLA_FLAGS": f"--a=1 {xla_cpu_fixes.FLAG} --b=2", "X": "y"})
+    assert env == {"XLA_FLAGS": "--a=1 --b=2", "X": "y"}
