@@ -546,7 +546,10 @@ def token_arrays(config: Config, tokenizer=None) -> tuple[dict, Any]:
     from ldjax.cli import _token_kwargs, load_examples
     from ldjax.data.tokenize import tokenize_preference
     from ldjax.train.config import DataConfig
-    data = DataConfig(data=config.data, max_length=config.max_length, max_prompt_length=config.max_prompt_length)
+    # quick mode trains nothing, so a smaller pretraining corpus (built, never used) is enough
+    small = dict(world_pretrain=200) if config.quick and not config.data else {}
+    data = DataConfig(data=config.data, max_length=config.max_length, max_prompt_length=config.max_prompt_length,
+                      **small)
     train_set, _, _, tokenizer = load_examples(data, tokenizer)
     arrays = tokenize_preference(train_set, tokenizer, **_token_kwargs(data, tokenizer, tokenizer.get_vocab_size()))
     return arrays, tokenizer
@@ -855,8 +858,8 @@ def write_report(path: pathlib.Path, config: Config, table: dict, claims: list[C
               "first-order change of log π(y*) split into the head, body and cross parts of K, each divided by the sum "
               "of their absolute values (mean over contexts).", "",
               "| cell / case | π(ȳ) median | argmax gains | y* largest gain | entropy rises | risers actual / exact-K / τ-rule (median) | "
-              "τ-rule Jaccard | share of Δlog π(y*): head / body / cross | body alone raises y* |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "τ-rule Jaccard | share of Δlog π(y*): head / body / cross | ‖ηK_part G‖ head / body / cross (median) | body alone raises y* |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for key, row in table.items():
         case = key.split("/")[1]
         if SIGNS[case] == sq.NEGATIVE:
@@ -868,7 +871,9 @@ def write_report(path: pathlib.Path, config: Config, table: dict, claims: list[C
         lines.append(f"| {key} | {row['label_prob_median']:.3g} | {gains} | {largest} | {_fmt_rates(row['entropy_rises'])} | "
                      f"{row['n_risers_median']['actual']:.0f} / {row['n_risers_median']['exact_k']:.0f} / "
                      f"{row['n_predicted_risers_median']:.0f} | {row['threshold_jaccard']:.2f} | "
-                     f"{share['head']:+.2f} / {share['body']:+.2f} / {share['cross']:+.2f} | {row['body_alone_star_gains']:.2f} |")
+                     f"{share['head']:+.2f} / {share['body']:+.2f} / {share['cross']:+.2f} | "
+                     + " / ".join(f"{row['part_norm_median'][pt]:.2g}" for pt in PARTS)
+                     + f" | {row['body_alone_star_gains']:.2f} |")
     lines += ["", "## Controls", "",
               "| cell / case | head-only: max |Δlog π − closed form| | head-only: τ-rule exact | head-only: only y* rises | "
               "first-order gap ratio (last halving, min–max) |", "|---|---|---|---|---|"]
@@ -901,13 +906,15 @@ def interpretation(table: dict, claims: list[Claim], heads: list[str]) -> list[s
             risers = np.median([r["n_risers_median"]["actual"] for r in rs])
             pred = np.median([r["n_predicted_risers_median"] for r in rs])
             share = {p: np.mean([r["star_contrib_share"][p] for r in rs]) for p in PARTS}
-            ratio = np.mean([r["body_head_diag_ratio"] for r in rs])
-            out.append(f"- {head}, {case}: the argmax gained in {gains:.0%} of contexts and had the largest relative gain "
-                       f"in {largest:.0%} (identity closed form: 100 % / 100 % by claims 2–3); median {risers:.0f} "
-                       f"classes rose where the threshold rule predicts {pred:.0f}. The body part's diagonal is "
-                       f"{ratio:.1f}× the head's; of y*'s first-order change the head carried a signed share "
-                       f"{share['head']:+.2f}, the body {share['body']:+.2f}"
-                       + (f", the cross term {share['cross']:+.2f}" if head == "tied" else "") + ".")
+            widths = [k.split("_")[0] for k, r in table.items() if k.endswith(f"_{head}/{case}")]
+            ratios = ", ".join(f"{w} {r['body_head_diag_ratio']:.1f}×" for w, r in zip(widths, rs))
+            by_width = ", ".join(f"{w} {r['argmax_gains']['actual']:.0%}" for w, r in zip(widths, rs))
+            out.append(f"- {head}, {case}: the argmax gained in {gains:.0%} of contexts ({by_width}) and had the largest "
+                       f"relative gain in {largest:.0%} (identity closed form: 100 % / 100 % by claims 2–3); median "
+                       f"{risers:.0f} of the other classes rose where the threshold rule of the fitted identity step "
+                       f"predicts {pred:.0f}. The body part's diagonal over the head's (‖z‖²) at these contexts: {ratios}; "
+                       f"of y*'s first-order change the head carried a signed share {share['head']:+.2f}, the body "
+                       f"{share['body']:+.2f}" + (f", the cross term {share['cross']:+.2f}" if head == "tied" else "") + ".")
         rs = rows.get("sft", [])
         if rs:
             out.append(f"- {head}, sft: the target rose in {np.mean([r['target_rises']['actual'] for r in rs]):.0%} of "
@@ -962,7 +969,7 @@ def main(config: Config) -> dict:
             rng = np.random.default_rng([seed, width, heads.index(head)])
             dense_ok = model.parts.head.shape[0] <= config.dense_check_vocab
             for k, (case, ids, pos, label) in enumerate(choose_contexts(model, arrays, config, rng)):
-                r = analyse_context(model, ids, pos, label, case, config, dense_check=dense_ok and k < 3)
+                r = analyse_context(model, ids, pos, label, case, config, dense_check=dense_ok and k < 2)
                 r.update(cell=model.name, width=width, head=head, seed=seed)
                 records.append(r)
                 if seed == config.seeds[0] and width == max(widths) and f"{head}/{case}" not in examples:
