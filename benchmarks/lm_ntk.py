@@ -18,7 +18,7 @@ precision, T = 16 tokens per sequence. For each vocabulary V and width d:
 
 Wall time is the median of ``--repeats`` runs after a warm-up (compilation excluded); memory is
 the growth of the process's peak resident set over its post-set-up size, each size in its own
-process, the factored route first. A dense route whose estimated time exceeds
+process, the factored routes (pair, then grid) before the dense one. A dense route whose estimated time exceeds
 ``--dense-budget-s`` is not run to the end: its time is extrapolated from timed batches of its
 own output directions and marked "est.". neural-tangents vectorises over every output
 direction (and its Jacobian contraction stores V × P Jacobians): where that needs more than
@@ -69,7 +69,7 @@ class Config:
     nt_memory_gib: float = dataclasses.field(
         default=8.0, metadata={"help": "neural-tangents runs only where its estimated memory is below"})
     grid_widths: tuple[int, ...] = dataclasses.field(
-        default=(128, 512), metadata={"help": "widths at which the 16x16 position grid is measured"})
+        default=(128,), metadata={"help": "widths at which the 16x16 position grid is measured"})
     side_by_side: tuple[int, int] = dataclasses.field(
         default=(1024, 128), metadata={"help": "an extra (V, d) small enough for neural-tangents"})
     pythia: bool = dataclasses.field(default=True, metadata={"help": "part 2: the Pythia-160M-shaped check"})
@@ -195,6 +195,12 @@ def measure_size(config: Config) -> dict:
             parts, ids1, ids2, positions1=pos, positions2=pos).dense()
         row["pair_factored"] = timed(factored, config.repeats)
         row["pair_factored"]["peak_bytes"] = peak_growth(baseline)
+        # --- 16 x 16 grid, traced over V ----------------------------------------------------
+        if d in config.grid_widths:
+            grid = lambda: lm_kernel.lm_ntk_from_parts(parts, ids1, ids2).dense(trace_axes=(-1,))  # noqa: E731
+            row["grid_factored"] = timed(grid, max(1, config.repeats // 2))
+            row["grid_factored"]["peak_bytes"] = peak_growth(baseline)
+            row["grid_untraced_bytes"] = SEQ * SEQ * vocab * vocab * 4
         block = np.asarray(factored())
         x1 = {"input_ids": jnp.asarray(ids1), "positions": jnp.asarray(pos[None])}
         x2 = {"input_ids": jnp.asarray(ids2), "positions": jnp.asarray(pos[None])}
@@ -214,14 +220,8 @@ def measure_size(config: Config) -> dict:
                                       "peak_bytes_estimate": batch * p_bytes})
         row["pair_block_bytes"] = vocab * vocab * 4
         del block
-        # --- 16 x 16 grid, traced over V ----------------------------------------------------
-        if d in config.grid_widths:
-            grid = lambda: lm_kernel.lm_ntk_from_parts(parts, ids1, ids2).dense(trace_axes=(-1,))  # noqa: E731
-            row["grid_factored"] = timed(grid, max(1, config.repeats // 2))
-            row["grid_factored"]["peak_bytes"] = peak_growth(baseline)
-            row["grid_dense"] = {"median_s": per_dir * vocab * SEQ, "estimated": True,
-                                 "directions": vocab * SEQ}
-            row["grid_untraced_bytes"] = SEQ * SEQ * vocab * vocab * 4
+        if "grid_factored" in row:
+            row["grid_dense"] = {"median_s": per_dir * vocab * SEQ, "estimated": True, "directions": vocab * SEQ}
     row["nt_bytes_estimate"] = {"ntk_vector_products": vocab * p_bytes,
                                 "jacobian_contraction": 2 * vocab * p_bytes}
     return row
@@ -422,7 +422,10 @@ def main(config: Config) -> dict:
     if config.quick:
         sizes = [(512, 32), (2048, 32), (2048, 64)]
     else:
-        sizes = [tuple(config.side_by_side)] + [(v, w) for v in config.vocabs for w in config.widths]
+        grid = [(v, w) for w in config.widths for v in config.vocabs]
+        # The must-show size (V=32768, d=128) first, then neural-tangents' side-by-side size.
+        first = [size for size in ((32768, 128), tuple(config.side_by_side)) if size in grid or size == tuple(config.side_by_side)]
+        sizes = first + [size for size in grid if size not in first]
     oracle = ROOT / config.oracle_python if config.oracle_python else None
     if config.nt_only:
         results = json.loads(out.joinpath("lm_ntk.json").read_text())
@@ -441,6 +444,7 @@ def main(config: Config) -> dict:
             print(f"V={vocab} d={width}: neural-tangents", file=sys.stderr, flush=True)
             results["nt"][f"{vocab}x{width}"] = _worker(config, "nt", vocab, width, str(oracle))
         out.joinpath("lm_ntk.json").write_text(json.dumps(results, indent=2))
+        write_report(results, out)  # partial tables as sizes finish
     if config.pythia:
         print("Pythia-160M-shaped check", file=sys.stderr, flush=True)
         results["pythia"] = pythia_check(config)

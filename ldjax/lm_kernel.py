@@ -151,33 +151,10 @@ class LMKernel:
 
     def _blocks(self, part: str, mode: str) -> jax.Array:
         """(N1, N2, P1, P2, *v) with v = (V, V) for "full", (V,) for "diag", () for "trace"
-        (an unnormalised sum over V)."""
-        w, s, v = self.head, self.head_identity, self.vocab_size
-        out = jnp.zeros(self.shape + {"full": (v, v), "diag": (v,), "trace": ()}[mode],
-                        jnp.result_type(s, w))
-        if part in ("all", "head"):
-            out = out + {"full": lambda: s[..., None, None] * jnp.eye(v, dtype=out.dtype),
-                         "diag": lambda: jnp.broadcast_to(s[..., None], out.shape),
-                         "trace": lambda: s * v}[mode]()
-        if part in ("all", "body"):
-            if mode == "full":
-                out = out + jnp.einsum("vk,abpqkw->abpqvw", w, jnp.einsum("abpqkl,wl->abpqkw", self.M, w))
-            elif mode == "diag":
-                out = out + jnp.einsum("vk,abpqkl,vl->abpqv", w, self.M, w)
-            else:
-                out = out + jnp.einsum("abpqkl,kl->abpq", self.M, w.T @ w)
-        if part in ("all", "cross") and self.tied:
-            w_s = w[self.tokens]  # (|S|, d)
-            if mode == "full":
-                # rows S: R·W[v'];  columns S: W[v]·C
-                out = out.at[..., self.tokens, :].add(jnp.einsum("abpqik,wk->abpqiw", self.row_term, w))
-                out = out.at[..., :, self.tokens].add(jnp.einsum("vk,abpqik->abpqvi", w, self.col_term))
-            elif mode == "diag":
-                both = jnp.einsum("abpqik,ik->abpqi", self.row_term + self.col_term, w_s)
-                out = out.at[..., self.tokens].add(both)
-            else:
-                out = out + jnp.einsum("abpqik,ik->abpq", self.row_term + self.col_term, w_s)
-        return out
+        (an unnormalised sum over V). Compiled, so the V×V output is written once."""
+        return _assemble(self.head_identity, self.M, self.head, self.tokens, self.row_term, self.col_term,
+                         tied=self.tied, part=part, mode=mode)
+
 
     def dense(self, trace_axes: int | Sequence[int] = (), diagonal_axes: int | Sequence[int] = (),
               *, part: str = "all") -> jax.Array:
@@ -220,9 +197,11 @@ class LMKernel:
         v_sub = {"full": "vw", "diag": "v", "trace": ""}[mode]
         # blocks are ordered (a, b, p, q, v...); the einsum input order follows that layout.
         spec = f"{sub_in[0]}{sub_in[1]}{sub_in[2]}{sub_in[3]}{v_sub}->{sub_out}{v_sub}"
+        if not trace and not diagonal:
+            return blocks  # already in the layout; no copy of a possibly huge V×V grid
         kernel = jnp.einsum(spec, blocks)
         sizes = {0: n1, 1: p1, 2: self.vocab_size}
-        return kernel / math.prod(sizes[a] for a in trace)
+        return kernel / math.prod(sizes[a] for a in trace) if trace else kernel
 
     def trace(self, *, part: str = "all") -> jax.Array:
         """``tr K(c, c')`` (a sum over V, not averaged) for every pair: (N1, N2, P1, P2)."""
@@ -255,6 +234,37 @@ class LMKernel:
             out = out.at[..., self.tokens].add(jnp.einsum("abpqik,bqk->api", self.row_term, h))
             out = out + jnp.einsum("abpqik,bqi->apk", self.col_term, g[..., self.tokens]) @ w.T
         return out
+
+
+@functools.partial(jax.jit, static_argnames=("tied", "part", "mode"))
+def _assemble(s, m, w, tokens, row_term, col_term, *, tied, part, mode):
+    v = w.shape[0]
+    shape = s.shape
+    out = jnp.zeros(shape + {"full": (v, v), "diag": (v,), "trace": ()}[mode],
+                    jnp.result_type(s, w))
+    if part in ("all", "head"):
+        out = out + {"full": lambda: s[..., None, None] * jnp.eye(v, dtype=out.dtype),
+                     "diag": lambda: jnp.broadcast_to(s[..., None], out.shape),
+                     "trace": lambda: s * v}[mode]()
+    if part in ("all", "body"):
+        if mode == "full":
+            out = out + jnp.einsum("vk,abpqkw->abpqvw", w, jnp.einsum("abpqkl,wl->abpqkw", m, w))
+        elif mode == "diag":
+            out = out + jnp.einsum("vk,abpqkl,vl->abpqv", w, m, w)
+        else:
+            out = out + jnp.einsum("abpqkl,kl->abpq", m, w.T @ w)
+    if part in ("all", "cross") and tied:
+        w_s = w[tokens]  # (|S|, d)
+        if mode == "full":
+            # rows S: R·W[v'];  columns S: W[v]·C
+            out = out.at[..., tokens, :].add(jnp.einsum("abpqik,wk->abpqiw", row_term, w))
+            out = out.at[..., :, tokens].add(jnp.einsum("vk,abpqik->abpqvi", w, col_term))
+        elif mode == "diag":
+            both = jnp.einsum("abpqik,ik->abpqi", row_term + col_term, w_s)
+            out = out.at[..., tokens].add(both)
+        else:
+            out = out + jnp.einsum("abpqik,ik->abpq", row_term + col_term, w_s)
+    return out
 
 
 def _axes(axes: int | Sequence[int], name: str) -> tuple[int, ...]:
