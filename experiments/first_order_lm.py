@@ -341,6 +341,7 @@ def plot_gaps(per_seed: dict[int, dict], seeds: list[int], adaptive: str, path: 
             ax.set_title(f"{u.upper()}, {name}: small-η slope {np.mean(slopes):.3f}, ratio {np.mean(ratios):.3f}",
                          fontsize=9)
             ax.set_xlabel("learning rate η")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel("gap (nats); grey: max |actual Δ log π|", fontsize=8)
             ax.legend(fontsize=7)
     fig.suptitle("first-order gap vs η (circles: max, squares: mean over probe responses)", fontsize=10)
