@@ -216,8 +216,9 @@ def measure_size(config: Config) -> dict:
             ref = np.asarray(dense())
             row["pair_max_rel_diff"] = float(np.max(np.abs(block - ref)) / np.max(np.abs(ref)))
         else:
+            # One batch of parameter-sized gradients plus the V×V output it fills.
             row["pair_dense"].update({"median_s": estimate, "estimated": True,
-                                      "peak_bytes_estimate": batch * p_bytes})
+                                      "peak_bytes_estimate": batch * p_bytes + vocab * vocab * 4})
         row["pair_block_bytes"] = vocab * vocab * 4
         del block
         if "grid_factored" in row:
