@@ -7,7 +7,7 @@ TORCH := .venv-torch
 PY := $(VENV)/bin/python
 OUT ?= results
 
-.PHONY: venv oracle-venv torch-venv demo test test-fast test-oracle bench bench-ntk bench-train clean
+.PHONY: venv oracle-venv torch-venv demo test test-experiments test-fast test-oracle bench bench-ntk bench-train clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,11 +45,16 @@ demo: venv
 test: venv oracle-venv
 	-$(MAKE) --no-print-directory torch-venv
 	LDJAX_TORCH_PYTHON=$$(test -f $(TORCH)/.installed && echo $(CURDIR)/$(TORCH)/bin/python) \
-	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle
+	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle -m "not experiment"
 	PYTHONPATH=. $(ORACLE)/bin/python -m pytest -q -p no:cacheprovider tests/oracle
 
+## End-to-end runs of the LLM experiments and the dynamics benchmark in quick mode (~15-25 min
+## on 2 cores): every claims.json row present, every kind="check" row passing, figures written.
+test-experiments: venv
+	$(PY) -m pytest -n 2 --dist loadfile -q tests -m experiment
+
 test-fast: venv
-	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle -m "not slow"
+	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle -m "not slow and not experiment"
 
 bench: bench-ntk bench-train
 bench-ntk: venv oracle-venv

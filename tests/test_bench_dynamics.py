@@ -10,8 +10,11 @@ import numpy as np
 from benchmarks import dynamics as bench
 from benchmarks import train as bench_train
 from ldjax import sequence_dynamics as sd
+import pytest
 
 
+
+@pytest.mark.experiment  # an end-to-end run (minutes): make test-experiments
 def test_quick_run_writes_tables_and_ties_decomposition_to_floor(tmp_path):
     report = bench.main(bench.Config(quick=True, out=str(tmp_path)))
     md = (tmp_path / "dynamics.md").read_text()

@@ -4,6 +4,10 @@ import json
 
 from experiments import first_order_lm
 from experiments.claims import read_claims
+import pytest
+
+# End-to-end experiment runs (minutes on 2 cores): `make test-experiments`, not `make test`.
+pytestmark = pytest.mark.experiment
 
 
 def test_quick(tmp_path):

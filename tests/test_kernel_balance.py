@@ -5,6 +5,8 @@ import json
 
 from experiments import kernel_balance
 from experiments.claims import read_claims
+import pytest
+
 
 
 def test_variant_names():
@@ -13,6 +15,7 @@ def test_variant_names():
     assert len(kernel_balance.full_grid()) == 36
 
 
+@pytest.mark.experiment  # an end-to-end run (minutes): make test-experiments
 def test_quick(tmp_path):
     out = tmp_path / "out"
     kernel_balance.main(kernel_balance.Config(out=str(out), run_dir=str(tmp_path / "run"), quick=True,

@@ -12,6 +12,9 @@ import pytest
 from experiments import dpo_dynamics, lm_pipeline, sft_dynamics
 from experiments.claims import read_claims
 
+# End-to-end experiment runs (minutes on 2 cores): `make test-experiments`, not `make test`.
+pytestmark = pytest.mark.experiment
+
 SEEDS = (0, 1, 2)
 
 

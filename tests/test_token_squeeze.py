@@ -15,6 +15,7 @@ from ldjax import squeeze as sq
 from ldjax.models.transformer import CausalLM, TransformerConfig
 
 
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("token_squeeze")
@@ -22,6 +23,7 @@ def quick_run(tmp_path_factory):
     return out, result
 
 
+@pytest.mark.experiment  # an end-to-end run (minutes): make test-experiments
 def test_quick_run_claims_and_figures(quick_run):
     out, result = quick_run
     rows = read_claims(out / "claims.json")
@@ -48,6 +50,7 @@ def test_quick_run_claims_and_figures(quick_run):
     assert "Quick smoke settings" in report and "| PASS | check |" in report
 
 
+@pytest.mark.experiment  # an end-to-end run (minutes): make test-experiments
 def test_quick_run_numbers(quick_run):
     out, _ = quick_run
     results = json.loads((out / "results.json").read_text())
