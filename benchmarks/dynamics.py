@@ -179,22 +179,6 @@ def num_params(tree) -> int:
 # The floor
 
 
-def _chunks(observed: dict, chunk: int):
-    import jax.numpy as jnp
-    n = observed["input_ids"].shape[0]
-    size = min(chunk, n)
-    n_chunks = -(-n // size)
-    pad = n_chunks * size - n
-
-    def reshape(a):
-        if pad:
-            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
-        return a.reshape((n_chunks, size) + a.shape[1:])
-
-    return {k: reshape(v) for k, v in observed.items()}, n
-
-
-@functools.partial(jax.jit, static_argnames=("apply_fn",))
 def floor_direction(apply_fn, params, update, lr):
     """The floor's VJP: ``−lr ∇L`` of the training loss (mean over examples of the summed NLL)."""
     import jax.numpy as jnp
@@ -219,8 +203,9 @@ def floor_jvp(apply_fn, params, direction, observed, chunk: int, readout: str = 
     import jax.numpy as jnp
 
     from ldjax.losses import token_logps
+    from ldjax.sequence_dynamics import _chunked  # the library's own chunking, so the floor pads alike
 
-    chunks, n = _chunks(observed, chunk)
+    chunks, n = _chunked(observed, chunk)
 
     def body(c):
         inputs = {"input_ids": c["input_ids"], "attention_mask": c["attention_mask"]}
