@@ -179,12 +179,17 @@ def dense_basis_batch(params_bytes: int, budget: int = 2 * GiB) -> int:
 # One size (run in its own process).
 
 
+def _case(config: Config):
+    """The model and inputs of one (V, d): ``(parts, f, params, ids1, ids2, param_bytes)``."""
+    parts = make_parts(config.seed, config.vocab, config.width, config.layers)
+    f, params = parts.logits_function()
+    ids1, ids2 = inputs(config.seed, config.vocab)
+    return parts, f, params, ids1, ids2, 4 * param_count(params)
+
+
 def measure_size(config: Config) -> dict:
     vocab, d = config.vocab, config.width
-    parts = make_parts(config.seed, vocab, d, config.layers)
-    f, params = parts.logits_function()
-    ids1, ids2 = inputs(config.seed, vocab)
-    p_bytes = 4 * param_count(params)
+    parts, f, params, ids1, ids2, p_bytes = _case(config)
     row = {"vocab": vocab, "d": d, "layers": config.layers, "params": param_count(params),
            "body_params": param_count(parts.body_params)}
     baseline = process_stats.rss_bytes()
@@ -231,10 +236,7 @@ def measure_size(config: Config) -> dict:
 def measure_nt(config: Config) -> dict:
     """neural-tangents on one token pair (oracle env), where it fits."""
     vocab, d = config.vocab, config.width
-    parts = make_parts(config.seed, vocab, d, config.layers)
-    f, params = parts.logits_function()
-    ids1, ids2 = inputs(config.seed, vocab)
-    p_bytes = 4 * param_count(params)
+    parts, f, params, ids1, ids2, p_bytes = _case(config)
     pos = np.array([[SEQ - 1]])
     x1 = {"input_ids": jnp.asarray(ids1), "positions": jnp.asarray(pos)}
     x2 = {"input_ids": jnp.asarray(ids2), "positions": jnp.asarray(pos)}
