@@ -68,6 +68,7 @@ class PipelineConfig:
     world_train: int = dataclasses.field(default=320, metadata={"help": "embedded world: training pairs"})
     world_test: int = dataclasses.field(default=80, metadata={"help": "embedded world: held-out pairs"})
     world_pretrain: int = dataclasses.field(default=4000, metadata={"help": "embedded world: pretraining answers"})
+    world_rejected_style: str = dataclasses.field(default="rare_slots", metadata={"help": "embedded world: rare_slots or foreign rejected responses"})
     pretrain_steps: int = dataclasses.field(default=600, metadata={"help": "pretraining steps"})
     pretrain_lr: float = dataclasses.field(default=1e-3, metadata={"help": "pretraining AdamW lr"})
     pretrain_batch_size: int = dataclasses.field(default=16, metadata={"help": "pretraining batch"})
@@ -194,7 +195,7 @@ class Pipeline:
                     num_heads=c.num_heads, data=c.data, data_format=c.data_format, max_length=c.max_length,
                     max_prompt_length=c.max_prompt_length, world_seed=c.world_seed, world_entities=c.world_entities,
                     world_train=c.world_train, world_test=c.world_test, world_pretrain=c.world_pretrain,
-                    progress=False, log_every=max(1, c.track_every), resume=False)
+                    world_rejected_style=c.world_rejected_style, progress=False, log_every=max(1, c.track_every), resume=False)
 
     def _finetune(self, seed: int, out: pathlib.Path, model: str, steps: int, lr: float) -> dict[str, Any]:
         c = self.config

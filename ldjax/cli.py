@@ -44,7 +44,8 @@ def _world(config: DataConfig):
     return build_world(WorldConfig(
         seed=config.world_seed, num_entities=config.world_entities, num_train=config.world_train,
         num_test=config.world_test, num_probe=min(getattr(config, "track_prompts", 32), config.world_train),
-        num_pretrain_answers=config.world_pretrain, num_pretrain_narrative=max(1, config.world_pretrain // 4)))
+        num_pretrain_answers=config.world_pretrain, num_pretrain_narrative=max(1, config.world_pretrain // 4),
+        rejected_style=getattr(config, "world_rejected_style", "rare_slots")))
 
 
 def _split(items: list) -> tuple[list, list]:

@@ -125,6 +125,7 @@ class DataConfig:
     world_train: int = field(default=320, metadata={"help": "embedded world: training pairs"})
     world_test: int = field(default=80, metadata={"help": "embedded world: held-out pairs"})
     world_pretrain: int = field(default=4000, metadata={"help": "embedded world: pretraining answer texts (plus a quarter as many narrative sentences)"})
+    world_rejected_style: str = field(default="rare_slots", metadata={"help": "embedded world: rejected responses after the shared prefix, rare_slots (the chosen grammar's rarest fillers) or foreign (narrative text: a deeper valley)"})
 
 
 @dataclass(frozen=True)
