@@ -273,17 +273,22 @@ CURVE_KEYS = ("argmax_chosen", "argmax_rejected")
 
 def read_curves(stage: Stage) -> dict[str, Any]:
     """Probe curves of a tracked stage: ``{"steps": [...], "logps": {family: [mean]}, "a_norm": [...],
-    "off_argmax": [...], "decompose": [(step, record)]}`` (means over the probe prompts; ``a_norm`` and
-    ``off_argmax`` along ``chosen``)."""
+    "off_argmax": [...], "decompose": [(step, record)]}`` (means over the probe prompts — a subset
+    tracker's ``estimate`` of them; ``a_norm`` and ``off_argmax`` along ``chosen``)."""
     from ldjax.tracking import read_tracking
     records = read_tracking(stage.tracking_file)
     if not records:
         raise FileNotFoundError(f"{stage.tracking_file}: no tracking records")
     families = list(records[0]["logps"])
+
+    def mean(r, quantity, family):  # a subset tracker's all-prompt estimate, else the mean over prompts
+        est = r.get("estimate", {}).get(quantity, {})
+        return est[family] if family in est else r[quantity][family]["mean"]
+
     return {"steps": [r["step"] for r in records],
-            "logps": {f: [r["logps"][f]["mean"] for r in records] for f in families},
-            "a_norm": [r["a_norm"]["chosen"]["mean"] for r in records],
-            "off_argmax": [r["off_argmax"]["chosen"]["mean"] for r in records],
+            "logps": {f: [mean(r, "logps", f) for r in records] for f in families},
+            "a_norm": [mean(r, "a_norm", "chosen") for r in records],
+            "off_argmax": [mean(r, "off_argmax", "chosen") for r in records],
             "decompose": [(r["step"], r["decompose"]) for r in records if r.get("decompose")]}
 
 

@@ -237,7 +237,7 @@ def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, p
             {"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {})
     tracker = tracking.Tracker(probe_set, model, every=config.track_every, path=out / TRACKING_FILE,
                                preference=preference, batch_size=config.track_batch_size or config.batch_size,
-                               progress=config.progress)
+                               progress=config.progress, subset=config.track_subset, fused=True)
     if preference is not None:
         tracker.set_reference(params)
     return tracker

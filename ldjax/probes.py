@@ -547,25 +547,39 @@ def _logits_fn(model) -> tuple[LogitsFn, Any]:
 
 
 class ProbeScorer:
-    """Scores a :class:`ProbeSet` with one compiled pass per family (and per chunk of prompts).
+    """Scores a :class:`ProbeSet`: per family and chunk of prompts, or every family in one pass.
 
     Args:
       model: an NNX module, or ``apply_fn(params, input_ids) -> logits`` (functional view).
       batch_size: prompts per forward pass (default: all ``P``). A last, shorter chunk is
         padded with copies of its first row (then dropped), so every call has one shape and the
         pass compiles once for every family and chunk.
-      per_position: also return the (P, T) per-position diagnostics.
+      per_position: also return the (P, T) per-position diagnostics (not with ``fused``).
+      fused: stack the requested families into one (F·p, L) pass per chunk of ``p`` prompts,
+        with the padding trimmed to ``L`` = the probe set's longest real sequence rounded up to
+        ``length_multiple`` tokens. Exact for the right-padded probes of :func:`tokenize_probes`
+        under a causal model (no position sees the padding after it); it saves the dispatches of
+        one pass per family and the trimmed padding's compute.
 
-    Call ``scorer(params, probe_set, families=None) -> {family: FamilyScores}`` (numpy arrays).
-    ``params`` may be omitted for an NNX module (its current parameters).
+    Call ``scorer(params, probe_set, families=None, prompts=None) -> {family: FamilyScores}``
+    (numpy arrays); ``prompts`` (indices into the probe prompts) scores only those rows, in that
+    order. ``params`` may be omitted for an NNX module (its current parameters).
     """
 
-    def __init__(self, model, *, batch_size: int | None = None, per_position: bool = False):
+    def __init__(self, model, *, batch_size: int | None = None, per_position: bool = False, fused: bool = False,
+                 length_multiple: int = 8):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if fused and per_position:
+            raise ValueError("per_position diagnostics keep the full length: use fused=False")
+        if length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
         self._logits_fn, self._default_params = _logits_fn(model)
         self.batch_size = batch_size
         self.per_position = per_position
+        self.fused = fused
+        self.length_multiple = length_multiple
+        self._lengths: dict[int, int] = {}
 
         def run(params, input_ids, attention_mask, loss_mask):
             logits = self._logits_fn(params, input_ids, attention_mask)
@@ -581,7 +595,17 @@ class ProbeScorer:
         """How many input shapes the pass has been compiled for (1 after scoring any probe set)."""
         return self._run._cache_size()
 
-    def __call__(self, params, probe_set: ProbeSet, families: Sequence[str] | None = None) -> dict[str, FamilyScores]:
+    def trimmed_length(self, probe_set: ProbeSet) -> int:
+        """The fused pass's sequence length for ``probe_set`` (one value per probe set, so every
+        subset of prompts shares one compiled shape)."""
+        key = id(probe_set)
+        if key not in self._lengths:
+            longest = max(int(np.asarray(a["attention_mask"]).sum(axis=1).max()) for a in probe_set.arrays.values())
+            self._lengths[key] = min(probe_set.length, -(-longest // self.length_multiple) * self.length_multiple)
+        return self._lengths[key]
+
+    def __call__(self, params, probe_set: ProbeSet, families: Sequence[str] | None = None,
+                 prompts: Sequence[int] | None = None) -> dict[str, FamilyScores]:
         if params is None:
             params = self._default_params
             if params is None:
@@ -591,7 +615,12 @@ class ProbeScorer:
         if unknown:
             raise ValueError(f"families {unknown} are not in the probe set (present: {list(probe_set.families)}; "
                              f"omitted: {dict(probe_set.texts.omitted)})")
-        n = probe_set.num_prompts
+        rows = np.arange(probe_set.num_prompts) if prompts is None else np.asarray(prompts, dtype=np.int64)
+        if rows.ndim != 1 or not len(rows) or rows.min() < 0 or rows.max() >= probe_set.num_prompts:
+            raise ValueError(f"prompts must be a non-empty list of indices in [0, {probe_set.num_prompts}), got {prompts}")
+        if self.fused:
+            return self._fused(params, probe_set, families, rows)
+        n = len(rows)
         chunk = min(n, self.batch_size or n)
         pending = {}  # every pass is dispatched before any result is fetched (no sync in between)
         for family in families:
@@ -600,7 +629,7 @@ class ProbeScorer:
             for start in range(0, n, chunk):
                 idx = np.arange(start, start + chunk)
                 valid = idx < n
-                take = np.where(valid, idx, start)
+                take = rows[np.where(valid, idx, start)]
                 batch = [np.asarray(arrays[k])[take] for k in ("input_ids", "attention_mask", "loss_mask")]
                 pending[family].append((valid, self._run(params, *batch)))
         fetched = jax.device_get(pending)  # (a dict pytree comes back with sorted keys)
@@ -608,6 +637,26 @@ class ProbeScorer:
         for family in families:
             parts = fetched[family]
             joined = {k: np.concatenate([np.asarray(r[k])[valid] for valid, r in parts]) for k in parts[0][1]}
+            out[family] = FamilyScores(**joined)
+        return out
+
+    def _fused(self, params, probe_set: ProbeSet, families: tuple[str, ...], rows: np.ndarray) -> dict[str, FamilyScores]:
+        length = self.trimmed_length(probe_set)
+        n, f = len(rows), len(families)
+        chunk = min(n, self.batch_size or n)
+        pending = []
+        for start in range(0, n, chunk):
+            idx = np.arange(start, start + chunk)
+            valid = idx < n
+            take = rows[np.where(valid, idx, start)]
+            batch = [np.concatenate([np.asarray(probe_set.arrays[fam][k])[take, :length] for fam in families])
+                     for k in ("input_ids", "attention_mask", "loss_mask")]
+            pending.append((valid, self._run(params, *batch)))
+        fetched = jax.device_get([r for _, r in pending])
+        out = {}
+        for i, family in enumerate(families):
+            joined = {k: np.concatenate([np.asarray(r[k]).reshape(f, chunk)[i][valid]
+                                         for (valid, _), r in zip(pending, fetched)]) for k in fetched[0]}
             out[family] = FamilyScores(**joined)
         return out
 

@@ -12,7 +12,8 @@ run directory)::
      "residual_norm": {family: STATS},   # ‖π − e_y‖_F over positions (G with c = 1)
      "dpo": {"margin": STATS, "loss": STATS, "coef_chosen": STATS, "coef_rejected": STATS,
              "G_chosen": STATS, "G_rejected": STATS},          # only with ``preference=``
-     "decompose": {…}}                                        # only with ``decompose_fn=``
+     "decompose": {…},                                        # only with ``decompose_fn=``
+     "prompts": [i, …], "estimate": {…}, "baseline": {…}}     # only with ``subset=``
 
 ``STATS`` is the spread over the probe prompts of a per-prompt number:
 ``{"mean", "std", "min", "q25", "median", "q75", "max"}`` (``std`` with ``ddof=0``). The
@@ -25,6 +26,19 @@ Cost is reported, not hidden: ``time.track_s`` is the wall time of this tracking
 ``time.train_total_s`` the seconds the training loop spent in its steps so far, and
 ``time.track_fraction = track_total_s / (track_total_s + train_total_s)``. Both totals count
 from the start of the current process (a resumed run restarts them).
+
+**Subsets of prompts** (``subset=m``, CLI ``--track-subset m``). One evaluation forwards every
+family for every probe prompt (F·P sequences, ≈ 2N FLOPs per token) while a train step processes
+B sequences (≈ 6N): with P = 32, F = 11 and B = 8 that is ≈ 15 train steps per evaluation,
+whatever the implementation. With ``subset=m`` the first evaluation (step 0) and the last one
+score all P prompts; every evaluation in between scores a rotating window of m prompts
+(evaluation j = step // every covers prompts ``(j−1)·m … j·m − 1`` mod P, so every prompt is
+seen every ⌈P/m⌉ evaluations and a resumed run scores the same windows). Its ``STATS`` are
+over the m scored prompts (``"prompts"`` lists them) and ``"estimate"`` holds, per
+quantity and family, the control-variate estimate of the all-prompt mean,
+``mean_P(x₀) + mean_m(x_t − x₀)``, which uses each prompt's own step-0 value (logged once as
+``"baseline"`` in the step-0 record) so the prompt-to-prompt spread of the levels cancels; at the
+full evaluations it is the exact mean. End − start over the run stays exact.
 
 Tracking never touches the training state's RNG key nor the batches: a run with and without
 tracking follows the same trajectory, and a resumed run writes the same records (up to the
@@ -154,16 +168,23 @@ class Tracker:
       batch_size: probe prompts per forward pass (default all).
       scorer: a :class:`~ldjax.probes.ProbeScorer` of ``model`` to reuse (and its compiled pass);
         by default one is made from ``model`` and ``batch_size``.
-      per_prompt: also log the per-prompt summed log-probs (``"per_prompt": {family: [P]}``).
+      per_prompt: also log the per-prompt summed log-probs (``"per_prompt": {family: [p]}``, over
+        the prompts scored).
       progress: show a tqdm bar of the tracked steps (only when stderr is a terminal).
+      subset: prompts scored at each evaluation between the first and the last (0 = all); see
+        the module docstring.
+      fused: score every family in one pass (:class:`~ldjax.probes.ProbeScorer` ``fused=True``);
+        ignored when ``scorer`` is given.
     """
 
     def __init__(self, probe_set: ProbeSet, model, *, every: int, path: str | os.PathLike,
                  preference: PreferenceTracking | None = None, reference_logps: tuple[Any, Any] | None = None,
                  decompose_fn: DecomposeFn | None = None, batch_size: int | None = None, per_prompt: bool = False,
-                 progress: bool = True, scorer: ProbeScorer | None = None):
+                 progress: bool = True, scorer: ProbeScorer | None = None, subset: int = 0, fused: bool = False):
         if every < 0:
             raise ValueError(f"every must be >= 0, got {every}")
+        if subset < 0:
+            raise ValueError(f"subset must be >= 0, got {subset}")
         if preference is not None and not {"chosen", "rejected"} <= set(probe_set.families):
             raise ValueError("preference tracking needs the chosen and rejected probe families")
         self.probe_set = probe_set
@@ -172,7 +193,9 @@ class Tracker:
         self.preference = preference
         self.decompose_fn = decompose_fn
         self.per_prompt = per_prompt
-        self.scorer = scorer if scorer is not None else ProbeScorer(model, batch_size=batch_size)
+        self.scorer = scorer if scorer is not None else ProbeScorer(model, batch_size=batch_size, fused=fused)
+        self.subset = int(subset) if 0 < subset < probe_set.num_prompts else 0
+        self._baseline: dict[str, dict[str, np.ndarray]] | None = None
         self.reference_logps = None
         if reference_logps is not None:
             self.reference_logps = tuple(np.asarray(r) for r in reference_logps)
@@ -214,6 +237,10 @@ class Tracker:
         else:
             check_tracking_resumable(self.path, self.probe_set.texts, resumed_from)
             truncate_tracking(self.path, resumed_from)
+            first = read_tracking(self.path)[:1]
+            if first and "baseline" in first[0]:
+                self._baseline = {q: {f: np.asarray(v, np.float64) for f, v in fam.items()}
+                                  for q, fam in first[0]["baseline"].items()}
         probes_path.write_text(json.dumps(self.probe_set.texts.to_json(), indent=1, ensure_ascii=False))
         self.track_seconds = 0.0
         if self._bar is None and self.every:
@@ -227,10 +254,17 @@ class Tracker:
 
     # -- one record
 
-    def evaluate(self, params) -> dict[str, Any]:
-        """The record body (without ``step`` and ``time``) at ``params``."""
-        scores: dict[str, FamilyScores] = self.scorer(params, self.probe_set)
-        record: dict[str, Any] = {"num_prompts": self.probe_set.num_prompts}
+    def prompts_at(self, step: int, last: bool = False) -> np.ndarray | None:
+        """The prompt indices scored at ``step`` (``None`` = all): see ``subset``."""
+        if not self.subset or step == 0 or last:
+            return None
+        j = step // self.every if self.every else step
+        return (np.arange(self.subset) + (j - 1) * self.subset) % self.probe_set.num_prompts
+
+    def evaluate(self, params, prompts: np.ndarray | None = None) -> dict[str, Any]:
+        """The record body (without ``step`` and ``time``) at ``params``, over ``prompts`` (default all)."""
+        scores: dict[str, FamilyScores] = self.scorer(params, self.probe_set, prompts=prompts)
+        record: dict[str, Any] = {"num_prompts": self.probe_set.num_prompts if prompts is None else len(prompts)}
         logps = {f: spread(s.logps) for f, s in scores.items()}
         for side in ("chosen", "rejected"):
             if side in scores:
@@ -243,6 +277,8 @@ class Tracker:
                 raise ValueError("preference tracking needs the reference log-probs: pass reference_logps= "
                                  "or call set_reference(params) before training")
             ref = self.reference_logps or (None, None)
+            if prompts is not None and self.reference_logps is not None:
+                ref = tuple(np.asarray(r)[prompts] for r in ref)
             p = self.preference
             dpo = preference_diagnostics(scores["chosen"], scores["rejected"], ref[0], ref[1], loss_type=p.loss_type,
                                          beta=p.beta, label_smoothing=p.label_smoothing, **dict(p.loss_kwargs))
@@ -253,10 +289,33 @@ class Tracker:
                 if side in scores:
                     per[f"argmax_{side}"] = np.asarray(scores[side].argmax_logps).tolist()
             record["per_prompt"] = per
+        if self.subset:
+            self._add_estimate(record, scores, prompts)
         return record
 
+    def _add_estimate(self, record: dict[str, Any], scores: dict[str, FamilyScores], prompts) -> None:
+        """``prompts``, ``estimate`` (and at the first full evaluation ``baseline``) of a subset tracker."""
+        values = {"logps": {f: np.asarray(s.logps, np.float64) for f, s in scores.items()},
+                  "a_norm": {f: np.asarray(s.a_norm, np.float64) for f, s in scores.items()},
+                  "off_argmax": {f: np.asarray(s.off_argmax, np.float64) for f, s in scores.items()}}
+        for side in ("chosen", "rejected"):
+            if side in scores:
+                values["logps"][f"argmax_{side}"] = np.asarray(scores[side].argmax_logps, np.float64)
+        if prompts is None:
+            record["prompts"] = list(range(self.probe_set.num_prompts))
+            record["estimate"] = {q: {f: float(v.mean()) for f, v in fam.items()} for q, fam in values.items()}
+            if self._baseline is None:
+                self._baseline = values
+                record["baseline"] = {q: {f: v.tolist() for f, v in fam.items()} for q, fam in values.items()}
+            return
+        if self._baseline is None:
+            raise RuntimeError("a subset evaluation needs the step-0 baseline (track step 0 first)")
+        record["prompts"] = [int(i) for i in prompts]
+        record["estimate"] = {q: {f: float(self._baseline[q][f].mean() + (v - self._baseline[q][f][prompts]).mean())
+                                  for f, v in fam.items()} for q, fam in values.items()}
+
     def track(self, step: int, params, *, params_before=None, batch=None,
-              train_seconds: float | None = None) -> dict[str, Any]:
+              train_seconds: float | None = None, last: bool = False) -> dict[str, Any]:
         """Scores the probes at ``params`` (the state after ``step`` steps) and appends the record.
 
         Args:
@@ -266,12 +325,13 @@ class Tracker:
             ``decompose_fn`` (called only when both are given).
           train_seconds: seconds the caller spent training so far (logged as
             ``time.train_total_s`` with the overhead fraction).
+          last: the run's last step (a subset tracker scores every prompt there).
 
         Returns:
           The record written.
         """
         start = time.perf_counter()
-        record: dict[str, Any] = {"step": int(step), **self.evaluate(params)}
+        record: dict[str, Any] = {"step": int(step), **self.evaluate(params, self.prompts_at(step, last))}
         decompose_s = 0.0
         if self.decompose_fn is not None and params_before is not None and batch is not None:
             t = time.perf_counter()

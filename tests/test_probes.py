@@ -248,6 +248,33 @@ def by_hand(logits, ids, mask):
     return {k: np.array(v) for k, v in out.items()}
 
 
+def test_fused_pass_and_prompt_subsets_equal_the_per_family_passes(world, model):
+    """One stacked pass with trimmed padding gives every family's per-family scores (float64, exact
+    for right-padded probes under a causal model); a subset of prompts gives those rows, in order,
+    and every subset of one size shares one compiled shape."""
+    probe_set = probes.tokenize_probes(probes.probe_texts_from_world(world, 5), world.tokenizer,
+                                       max_length=MAX_LENGTH + 24, max_prompt_length=MAX_PROMPT, bos_id=3)
+    reference = probes.ProbeScorer(model)(None, probe_set)
+    fused = probes.ProbeScorer(model, fused=True, batch_size=2)  # 5 prompts: chunks 2, 2, 1 (padded)
+    assert fused.trimmed_length(probe_set) < probe_set.length  # there is padding to trim here
+    for family, got in fused(None, probe_set).items():
+        for key in ("logps", "argmax_logps", "off_argmax", "a_norm", "residual_norm", "lengths"):
+            np.testing.assert_allclose(getattr(got, key), getattr(reference[family], key), rtol=1e-12, atol=1e-12,
+                                       err_msg=f"{family} {key}")
+    shapes = []
+    for rows in ([3, 0], [4, 1]):
+        for scorer in (fused, probes.ProbeScorer(model)):
+            sub = scorer(None, probe_set, ("chosen", "rejected"), prompts=rows)
+            for family in ("chosen", "rejected"):
+                np.testing.assert_allclose(sub[family].logps, reference[family].logps[rows], rtol=1e-12)
+        shapes.append(fused.compiled_shapes())
+    assert shapes[0] == shapes[1]  # another window of the same size: no new compilation
+    with pytest.raises(ValueError, match="prompts must be"):
+        fused(None, probe_set, prompts=[5])
+    with pytest.raises(ValueError, match="per_position"):
+        probes.ProbeScorer(model, fused=True, per_position=True)
+
+
 def test_scores_equal_hand_computation_and_compile_once(probe_set, model):
     scorer = probes.ProbeScorer(model, batch_size=2, per_position=True)  # 5 prompts: chunks 2, 2, 1 (padded)
     scores = scorer(None, probe_set)

@@ -233,3 +233,72 @@ def test_resume_with_tracking_writes_the_records_of_an_uninterrupted_run(tmp_pat
         with pytest.raises(tracking.TrackingMismatch, match="holds 5 records of the probe set"):
             loop_lib.train(sft_step, initial_state(model), epochs(train_arrays), cfg, checkpointer=ckpt, tracker=other)
     assert strip_time(tracking.read_tracking(tmp_path / "killed" / "tracking.jsonl")) == strip_time(full_records)
+
+
+# ------------------------------------------------------------------------------ subsets of prompts
+
+
+def test_subset_tracker_rotates_windows_and_estimates_the_all_prompt_mean(tmp_path, model, probe_set, train_arrays,
+                                                                         sft_step, scorer):
+    """``subset=m``: all prompts at the first and last step, rotating windows of m prompts in between;
+    ``estimate`` = mean of the step-0 values + mean change over the window, checked against an
+    independent full scoring of the same parameters."""
+    cfg = LoopConfig(num_steps=5, batch_size=4, progress=False, out=str(tmp_path / "sub"), checkpoint_every=0)
+    kept = {}
+
+    def keep(before, after, batch):
+        kept[len(kept) + 1] = jax.device_get(after)
+        return {}
+
+    tracker = tracking.Tracker(probe_set, model, every=1, path=tmp_path / "sub" / "tracking.jsonl", progress=False,
+                               subset=3, fused=True, decompose_fn=keep)
+    loop_lib.train(sft_step, initial_state(model), epochs(train_arrays), cfg, tracker=tracker)
+    records = tracking.read_tracking(tmp_path / "sub" / "tracking.jsonl")
+    p = probe_set.num_prompts
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
+    assert records[0]["prompts"] == records[-1]["prompts"] == list(range(p))
+    windows = [r["prompts"] for r in records[1:-1]]
+    assert windows == [[(3 * j + i) % p for i in range(3)] for j in range(4)]
+    assert "baseline" in records[0] and all("baseline" not in r for r in records[1:])
+    assert all(r["num_prompts"] == 3 for r in records[1:-1]) and records[-1]["num_prompts"] == p
+
+    base = probes.ProbeScorer(model)(None if False else initial_state(model).params, probe_set)
+    for r in records[1:]:
+        full = probes.ProbeScorer(model)(kept[r["step"]], probe_set)
+        rows = np.asarray(r["prompts"])
+        for family in ("chosen", "rejected", "other_train"):
+            x0, xt = base[family].logps, full[family].logps
+            want = x0.mean() + (xt[rows] - x0[rows]).mean()
+            assert r["estimate"]["logps"][family] == pytest.approx(want, rel=1e-5, abs=1e-4)
+            assert r["logps"][family]["mean"] == pytest.approx(xt[rows].mean(), rel=1e-5, abs=1e-4)
+        star = x0 = base["chosen"].argmax_logps
+        want = star.mean() + (full["chosen"].argmax_logps[rows] - star[rows]).mean()
+        assert r["estimate"]["logps"]["argmax_chosen"] == pytest.approx(want, rel=1e-5, abs=1e-4)
+    # At the last step the estimate is the exact all-prompt mean.
+    assert records[-1]["estimate"]["logps"]["chosen"] == pytest.approx(records[-1]["logps"]["chosen"]["mean"])
+
+    # A resumed subset run reloads the step-0 baseline and writes the same records.
+    def run(out, kill_at=None):
+        requested = []
+
+        def epoch_batches(epoch):
+            for b in epochs(train_arrays)(epoch):
+                requested.append(b)
+                if kill_at is not None and len(requested) > kill_at:
+                    raise KeyboardInterrupt("simulated kill")
+                yield b
+
+        t = tracking.Tracker(probe_set, model, every=1, path=out / "tracking.jsonl", progress=False, subset=3,
+                             scorer=scorer)
+        c = LoopConfig(num_steps=5, batch_size=4, progress=False, out=str(out), checkpoint_every=2)
+        with RunCheckpointer(out / "checkpoints", model_config={"m": 1}) as ckpt:
+            return loop_lib.train(sft_step, initial_state(model), epoch_batches, c, checkpointer=ckpt, tracker=t)
+
+    run(tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", kill_at=3)
+    run(tmp_path / "killed")
+    full_records = strip_time(tracking.read_tracking(tmp_path / "full" / "tracking.jsonl"))
+    resumed = strip_time(tracking.read_tracking(tmp_path / "killed" / "tracking.jsonl"))
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4, 5]
+    assert json.dumps(resumed, sort_keys=True) == json.dumps(full_records, sort_keys=True)

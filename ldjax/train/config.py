@@ -91,9 +91,10 @@ class TrackingConfig:
     track_every: int = field(default=0, metadata={"help": "score the probe set every this many steps (and at step 0 and the last step) into out/tracking.jsonl, its texts into out/probes.json; 0 = off. Never changes the training trajectory"})
     track_prompts: int = field(default=32, metadata={"help": "probe prompts, taken from the training set (the world's probes, or a seeded choice of --data records; at most the training set)"})
     track_batch_size: int = field(default=0, metadata={"help": "probe prompts per forward pass when tracking (0 = batch_size)"})
+    track_subset: int = field(default=0, metadata={"help": "prompts scored at each tracked step between the first and the last, a rotating window (0 = all); the records then carry a control-variate estimate of the all-prompt mean. Cuts tracking cost by track_prompts/track_subset"})
 
     def __post_init__(self) -> None:
-        for name in ("track_every", "track_batch_size"):
+        for name in ("track_every", "track_batch_size", "track_subset"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if self.track_prompts < 1:

@@ -138,7 +138,8 @@ def train(
 
     def run_tracker(before=None, batch=None) -> None:
         if tracker is not None and tracker.due(step, config.num_steps):
-            tracker.track(step, state.params, params_before=before, batch=batch, train_seconds=train_seconds)
+            tracker.track(step, state.params, params_before=before, batch=batch, train_seconds=train_seconds,
+                          last=step == config.num_steps)
 
     try:
         if resumed_from is None:
