@@ -41,6 +41,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
+from experiments.sft_dynamics import sft_stage
 from experiments.lm_pipeline import (Pipeline, PipelineConfig, decomposition_hook, enable_compile_cache, head_only,
                                      read_curves, rise_then_fall)
 from ldjax.config import parse_config, to_dict
@@ -50,6 +51,7 @@ from ldjax.tracking import read_tracking
 EXPERIMENT = "regime_search"
 TOL = 0.1  # nats
 TERMS = ("rejected/body", "rejected/head", "chosen/body", "chosen/head")
+SFT_DECOMPOSE_EVERY = 4  # sft_dynamics' default: the same SFT stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,9 +116,11 @@ QUICK_REGIMES = ("reference", "head_only", "tied_qwen2")
 def pipeline_for(config: Config, regime: Regime) -> PipelineConfig:
     """The pipeline of a regime: its own cache directory per distinct pipeline setting."""
     overrides = dict(regime.pipeline)
-    tag = "_".join(f"{k}-{v}" for k, v in sorted(overrides.items())) or "reference"
-    common = dict(run_dir=str(pathlib.Path(config.run_dir) / tag), data=config.data, data_format=config.data_format,
-                  model=config.model, **overrides)
+    # The reference pipeline lives in run_dir itself: pointed at the run directory of
+    # sft_dynamics/dpo_dynamics (as `ldjax reproduce` does), it reuses their base and SFT models.
+    tag = "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
+    common = dict(run_dir=str(pathlib.Path(config.run_dir) / tag) if tag else config.run_dir, data=config.data,
+                  data_format=config.data_format, model=config.model, **overrides)
     if config.quick:
         return PipelineConfig.quick_preset(**{**common, **QUICK_PIPELINE, **{k: v for k, v in overrides.items()}})
     return PipelineConfig(**common)
@@ -154,8 +158,8 @@ def run_regime(config: Config, regime: Regime, seed: int) -> dict[str, Any]:
     """Builds (or reuses) base → SFT → DPO for one regime and seed; returns its :func:`outcome`."""
     pcfg = pipeline_for(config, regime)
     pipeline = Pipeline(pcfg)
-    base = pipeline.base(seed)
-    origin = pipeline.sft(seed, base) if regime.start == "sft" else base
+    base, sft = sft_stage(pipeline, seed, SFT_DECOMPOSE_EVERY)  # sft_dynamics' stage (shared cache key)
+    origin = sft if regime.start == "sft" else base
     dpo = {**REFERENCE_DPO, **regime.dpo}
     if config.quick:
         dpo["num_steps"] = pcfg.dpo_steps
@@ -254,6 +258,32 @@ def explanation(results: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def plot(results: dict[str, list[dict]], path: pathlib.Path) -> None:
+    """Per regime: Δ chosen, Δ y* along chosen and Δ‖A‖_F (×10) of the DPO run, seeds as dots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [n for n, runs in results.items() if runs]
+    keys = (("d_chosen", "Δ chosen (nats)"), ("d_argmax_chosen", "Δ y* along chosen (nats)"),
+            ("d_rejected", "Δ rejected (nats)"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.45 * len(names) + 1.6), sharey=True)
+    for ax, (key, label) in zip(axes, keys):
+        for i, n in enumerate(names):
+            vals = [o[key] for o in results[n]]
+            squeezes = all(o["squeezes"] for o in results[n])
+            ax.barh(i, float(np.mean(vals)), color="C2" if squeezes else "C3", alpha=0.6)
+            ax.plot(vals, [i] * len(vals), "k.", ms=4)
+        ax.axvline(0, color="grey", lw=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=8)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    fig.suptitle("DPO from SFT per regime (green: squeezes, y* rises and chosen falls; red: does not)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(config: Config, results: dict[str, list[dict]], rows: list[Claim], wall: float) -> str:
     skipped = [n for n in config.regimes if not results.get(n)]
     lines = [f"# Where does a small LM's full-parameter DPO squeeze? ({'quick' if config.quick else 'cpu'})", "",
@@ -269,7 +299,7 @@ def report(config: Config, results: dict[str, list[dict]], rows: list[Claim], wa
              "body and head parameters and the chosen term's body parameters (exact split for SGD; for Adam the "
              "current gradient's share).", ""]
     lines += table(config, results)
-    lines += ["", "## What the decomposition says", ""] + explanation(results)
+    lines += ["", "![regimes](regimes.png)", "", "## What the decomposition says", ""] + explanation(results)
     if skipped:
         lines += ["", f"Not run: {', '.join(skipped)} (tiny-model rows are skipped with `--model`)."]
     lines += ["", "Not run: sub-word tokens on real text (needs a local sub-word model and corpus; run "
@@ -303,6 +333,7 @@ def main(config: Config) -> dict[str, Any]:
     write_claims(out, rows)
     wall = time.perf_counter() - start
     (out / "table.md").write_text("\n".join(table(config, results)) + "\n")
+    plot(results, out / "regimes.png")
     payload = {"config": to_dict(config), "regimes": {n: dataclasses.asdict(BY_NAME[n]) for n in results},
                "results": results, "wall_s": wall}
     (out / "results.json").write_text(json.dumps(payload, indent=1, default=str))
