@@ -26,8 +26,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from experiments.claims import Claim, claims_table, write_claims  # noqa: E402
 from ldjax import dynamics  # noqa: E402
 from ldjax.config import parse_config, to_dict  # noqa: E402
+
+EXPERIMENT = "first_order"
+# An O(η²) remainder quarters when η halves; [3, 5] leaves room for the O(η³) term at the large-η end.
+RATIO_RANGE = (3.0, 5.0)
 
 
 # Config.data -> how results.json and the report name the data actually used.
@@ -123,7 +128,26 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[dict], source: str, config: Config, path: pathlib.Path) -> None:
+def first_order_claims(results: list[dict], config: Config) -> list[Claim]:
+    """One ``check`` per optimizer: the max gap shrinks 3–5× at every halving of η (O(η²))."""
+    lo, hi = RATIO_RANGE
+    rows = []
+    for r in results:
+        ratios = np.asarray(r["halving_ratios"])
+        rows.append(Claim(
+            EXPERIMENT, f"{r['optimizer']}: the gap between the first-order prediction A(x_o) J(x_o) u and the real step "
+            f"shrinks {lo:g}–{hi:g}× at every halving of η ({len(ratios)} halvings from η = {r['lrs'][0]:.3g}; "
+            "value: the ratios, log-log slope ≈ 2)", "check",
+            bool(np.all((ratios >= lo) & (ratios <= hi))),
+            dict(mean=float(ratios.mean()), std=float(ratios.std(ddof=1)) if len(ratios) > 1 else 0.0,
+                 min=float(ratios.min()), max=float(ratios.max()), halving_ratios=ratios,
+                 loglog_slope=r["loglog_slope"], lrs=r["lrs"]),
+            (config.seed,)))
+    return rows
+
+
+def write_report(results: list[dict], source: str, config: Config, path: pathlib.Path,
+                 claims: list[Claim] | None = None) -> None:
     lines = ["# First-order prediction vs the real step", "",
              f"float64 MLP 784→{config.width}→10 (tanh), {source}; update batch {config.num_update}, "
              f"{config.num_observed} observed inputs, after {config.warmup_steps} Adam warm-up steps. "
@@ -139,7 +163,9 @@ def write_report(results: list[dict], source: str, config: Config, path: pathlib
             lines.append(f"| {lr:.3g} | {r['max_gap'][i]:.3e} | {r['mean_gap'][i]:.3e} | "
                          f"{r['max_actual_change'][i]:.3e} | {ratio} |")
         lines.append("")
-    lines.append("Figure: `gap_vs_lr.png`; numbers: `results.json`.")
+    if claims:
+        lines += ["## Claims", "", claims_table([c.to_json() for c in claims]), ""]
+    lines.append("Figure: `gap_vs_lr.png`; numbers: `results.json`, `claims.json`.")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -174,7 +200,9 @@ def main(config: Config) -> dict:
     numbers = dict(config=to_dict(config), data=source, results=results,
                    all_ratios_in_3_5=all(r["ratios_in_3_5"] for r in results))
     (out / "results.json").write_text(json.dumps(numbers, indent=2))
-    write_report(results, source, config, out / "report.md")
+    claims = first_order_claims(results, config)
+    write_claims(out, claims)
+    write_report(results, source, config, out / "report.md", claims)
     for r in results:
         print(f"{r['optimizer']}: slope {r['loglog_slope']:.3f}, ratios "
               + " ".join(f"{q:.2f}" for q in r["halving_ratios"]))

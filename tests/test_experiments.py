@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import demo, first_order, mnist_dynamics
+from experiments.claims import read_claims
 from ldjax.data import mnist
 
 
@@ -20,6 +21,56 @@ def demo_run(tmp_path_factory):
 
 def _results(out, name):
     return json.loads((out / name / "results.json").read_text())
+
+
+# The one check row allowed to fail: the all-images gap ratio of mnist_dynamics. Its networks use ReLU
+# (and LeNet max-pool); an observed image whose activation pattern the step changes adds a gap that is
+# not O(η²), so the all-images ratio leaves [3, 5] in the quick MLP run (2.5–47) and in the default
+# LeNet run alike — not a limitation of the quick setting. The row reports it as measured; its
+# theorem-backed twin (images whose pattern held) must pass, and does.
+KINK_ROW = "the gap ‖pred − actual‖ over all observed images shrinks"
+
+
+def _check_claims(out, name, kinds, may_fail=()):
+    """claims.json exists, follows the convention, has the expected kinds, every check passes
+    (except rows starting with one of ``may_fail``, whose verdict must match their own numbers),
+    and report.md lists every row."""
+    rows = read_claims(out / "claims.json")
+    assert rows and {r["experiment"] for r in rows} == {name}
+    assert {r["kind"] for r in rows} == set(kinds), [r["kind"] for r in rows]
+    assert all(r["seeds"] == [0] for r in rows)
+    for r in rows:
+        if r["kind"] == "check" and not any(r["claim"].startswith(m) for m in may_fail):
+            assert r["passed"], (r["claim"], r["value"])
+    report = (out / "report.md").read_text()
+    assert "## Claims" in report
+    for r in rows:
+        assert r["claim"] in report, r["claim"]
+    return rows
+
+
+def test_squeeze_claims(demo_run):
+    rows = _check_claims(demo_run[0] / "squeeze_logreg", "squeeze_logreg", {"check", "paper"})
+    checks = {r["claim"].split(":")[0]: r for r in rows if r["kind"] == "check"}
+    for claim in ("claim 1", "claim 2", "claim 3", "claim 3 generalised", "claim 7"):
+        value = checks[claim]["value"]
+        assert value["cases"] >= 1 and value["holds"] == value["cases"] and value["worst_margin"] > 0, claim
+    # The theorem rows count the panels of results.json, not a fixed number.
+    panels = _results(demo_run[0], "squeeze_logreg")["panels"]
+    assert checks["claim 3 generalised"]["value"]["cases"] == len(panels)
+    paper = [r["claim"] for r in rows if r["kind"] == "paper"]
+    for claim in ("claim 4", "claim 5", "claim 6", "DPO-like panel dpo_like "):
+        assert any(c.startswith(claim) for c in paper), claim
+
+
+def test_first_order_claims(demo_run):
+    rows = _check_claims(demo_run[0] / "first_order", "first_order", {"check"})
+    results = {s["optimizer"]: s for s in _results(demo_run[0], "first_order")["results"]}
+    assert [r["claim"].split(":")[0] for r in rows] == ["SGD", "Adam"]
+    for r in rows:
+        s = results[r["claim"].split(":")[0]]
+        assert r["value"]["halving_ratios"] == s["halving_ratios"]
+        assert r["value"]["loglog_slope"] == s["loglog_slope"]
 
 
 def test_demo_writes_linked_report(demo_run):
@@ -106,6 +157,16 @@ def _check_mnist(out, results, num_analysed):
     probs = np.asarray(results["checkpoints"][-1]["class_mean_probs"])
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     assert "## Top off-diagonal class pairs" in (out / "report.md").read_text()
+    rows = _check_claims(out, "mnist_dynamics", {"check", "paper"}, may_fail=(KINK_ROW,))
+    kink = [r for r in rows if r["claim"].startswith(KINK_ROW)]
+    assert len(kink) == 1
+    ratios = kink[0]["value"]["halving_ratios"]
+    assert ratios == results["final_gap_ratios_halving_lr"]
+    assert kink[0]["passed"] == all(3.0 <= q <= 5.0 for q in ratios)
+    held = [r for r in rows if r["claim"].startswith("where the step keeps")]
+    assert len(held) == 1 and held[0]["passed"] and held[0]["value"]["halvings"]
+    paper = [r for r in rows if r["kind"] == "paper"]
+    assert len(paper) == 2 and all(1 <= r["value"]["rank"] <= 45 for r in paper)
 
 
 def test_mnist_dynamics_quick(demo_run):
