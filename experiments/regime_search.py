@@ -73,6 +73,8 @@ REGIMES = (
     Regime("head_only", "only `lm_head` trainable (identity-K control)", head_only=True),
     Regime("from_base", "DPO from the base model (no SFT; the paper's Pythia setting)", start="base"),
     Regime("adam", "Adam lr 1e-5 instead of SGD (SPEC §3's first look)", dpo={"optimizer": "adam", "learning_rate": 1e-5}),
+    Regime("adam_fast", "Adam lr 5e-5 (SPEC §3's flattening runs)", dpo={"optimizer": "adam", "learning_rate": 5e-5}),
+    Regime("sgd_fast", "SGD lr 1e-2 (SPEC §3's flattening SGD run)", dpo={"learning_rate": 1e-2}),
     Regime("small_lr_long", "SGD lr 5e-4 for 480 steps (margin still growing at the end)",
            dpo={"learning_rate": 5e-4, "num_steps": 480}),
     Regime("foreign_rejected", "rejected = narrative text after the shared prefix (deeper valley)",

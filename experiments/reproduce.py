@@ -84,10 +84,12 @@ CAPTIONS: dict[str, str] = {
                                  "for Adam's actual update. Slope 2 and a ratio ≈ 4 per halving of η is the O(η²) error term.",
     "mnist_dynamics/predicted_vs_actual.png": "Per-step first-order prediction of Δ log π on observed digits against the actual change "
                                               "after the step (one dot per observed example and class): on the diagonal when exact.",
-    "mnist_dynamics/influence_per_step.png": "Per-step influence by class: rows the observed class, columns the updated class. "
-                                             "Off-diagonal brightness marks look-alike digits pulling each other's labels.",
-    "mnist_dynamics/accumulated_influence.png": "Accumulated influence summed over training (SPEC §1.1's heatmap): the bright "
-                                                "off-diagonal cells are digit pairs whose updates move each other (e.g. 4↔9).",
+    "mnist_dynamics/influence_per_step.png": "Per-step influence by class, averaged over training: rows the observed class, "
+                                             "columns the updated class. Bright off-diagonals are look-alike digits pulling "
+                                             "each other's labels up (SPEC §1.1: 4↔9).",
+    "mnist_dynamics/accumulated_influence.png": "The class-averaged predicted distribution on held-out digits at checkpoints "
+                                                "(rows observed class, columns predicted; √ scale): where the accumulated "
+                                                "updates left probability mass off the diagonal.",
     "mnist_dynamics/ntk_class_similarity.png": "eNTK similarity between classes (normalised trace of K): the model's own notion of "
                                                "which digits look alike, the K of A·K·G.",
     "sft_dynamics/sft_curves.png": "SFT on chosen: the change of every probe family's log-prob from step 0 (mean over seeds, band min–max). "

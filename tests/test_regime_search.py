@@ -35,7 +35,7 @@ def test_rejected_style_reaches_the_world():
     rare = cli._world(DPOConfig(**small))
     foreign = cli._world(DPOConfig(**small, world_rejected_style="foreign"))
     assert [p.rejected for p in rare.train] != [p.rejected for p in foreign.train]
-    with pytest.raises(ValueError, match="rejected_style"):
+    with pytest.raises(ValueError, match="rejected.style"):
         cli._world(DPOConfig(**small, world_rejected_style="nope"))
 
 
