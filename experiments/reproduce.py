@@ -25,8 +25,8 @@ Exit status: 0 when every experiment ran and every ``kind="check"`` row passed (
 guarantees: exactness, theorems, first-order gaps); 1 otherwise. ``kind="paper"`` rows are the
 paper's claims measured on the data: they pass or fail as measured and never change the status.
 
-Run: ``ldjax reproduce --out results`` (≈ 15 min on 2 CPU cores), ``--quick`` (a smoke run of a few
-minutes; its numbers are not results), ``--only dpo_dynamics,token_squeeze``, ``--data FILE.jsonl``
+Run: ``ldjax reproduce --out results`` (CPU scale, on 2 cores), ``--quick`` (a smoke run of a few
+minutes, mostly compilation; its numbers are not results), ``--only dpo_dynamics,token_squeeze``, ``--data FILE.jsonl``
 (the LLM experiments on your HH / UltraFeedback / plain preference file), ``--model DIR`` (a local
 Hugging Face GPT-NeoX/Qwen2 checkpoint as the base model), ``--seeds N``.
 """
@@ -68,6 +68,9 @@ QUICK_SCALE: dict[str, dict[str, Any]] = {
     "mnist_dynamics": dict(model="mlp", mlp_hidden=(32,), train_per_class=40, observed_per_class=3, steps=24,
                            batch_size=16, analyse_every=6, checkpoints=2, ntk_per_class=2, ntk_batch_size=20),
     **{name: dict(quick=True) for name in LLM},
+    # (the quick modes' own extras that the smoke run can do without)
+    "dpo_dynamics": dict(quick=True, starts=("sft",)),
+    "regime_search": dict(quick=True, regimes=("reference", "head_only")),
 }
 
 # Two lines per figure: what it shows, and what to look for.
