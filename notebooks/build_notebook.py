@@ -168,8 +168,8 @@ else:
                                   allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json",
                                                   "tokenizer.json", "tokenizer_config.json"])
     model, tokenizer = load_pretrained(MODEL_DIR)   # checks the checkpoint loads before training starts
-    print(MODEL_ID, f"{model.config.num_layers} layers, d={model.config.d_model}, V={model.config.vocab_size}",
-          f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6:.0f}M parameters")
+    print(MODEL_ID, f"{model.config.num_layers} layers, d={model.config.hidden_size}, V={model.config.vocab_size}",
+          f"{sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) / 1e6:.1f}M parameters")
     del model
 
     # HH helpful-base, train split: N_TRAIN training pairs plus 10 % held out (ldjax's --data split).
@@ -296,8 +296,8 @@ dpo_hook = (split_hook(dpo_objective, DECOMPOSE_EVERY, prompts=decompose_prompts
             else light_hook(DECOMPOSE_EVERY, prompts=decompose_prompts))
 dpo = pipeline.dpo(SEED, sft, tag=tag, tracker_hook=dpo_hook, **jobs)
 for stage in (base, sft, dpo):
-    print(f"{stage.name:5s} {'reused' if stage.reused else f'{stage.seconds:6.1f} s'}  {stage.model_dir}",
-          f"devices={stage.summary.get('devices', '-')}")
+    status = "given" if stage.name == "base" and pcfg.model else "reused" if stage.reused else f"{stage.seconds:6.1f} s"
+    print(f"{stage.name:5s} {status:>8s}  {stage.model_dir}  devices={stage.summary.get('devices', '-')}")
 """
 
 PLOTS_MD = r"""## Probe curves

@@ -55,12 +55,12 @@ def _inject(nb, nbformat, source: str):
     nb.cells.insert(index + 1, cell)
 
 
-@pytest.mark.slow
-def test_notebook_runs_in_quick_mode_on_cpu(tmp_path, monkeypatch):
+def _execute(nb, tmp_path, monkeypatch, num_devices: int):
+    """Runs ``nb`` in a kernel of this interpreter on ``num_devices`` host CPU devices; returns
+    ``(outputs as text, LDJAX_NOTEBOOK_OUT)``."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-
     kernel_dir = tmp_path / "jupyter" / "kernels" / "ldjax-notebook-test"
     kernel_dir.mkdir(parents=True)
     (kernel_dir / "kernel.json").write_text(json.dumps({
@@ -72,32 +72,89 @@ def test_notebook_runs_in_quick_mode_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "agg")
     monkeypatch.delenv("JAX_ENABLE_X64", raising=False)
-    # Two host devices: the mesh path runs, and the base pretraining (which uses every device) stays cheap.
-    num_devices = 2
+    # Host devices for the mesh; the base pretraining (which uses every device) stays cheap.
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags + [f"--xla_force_host_platform_device_count={num_devices}"]))
-
-    nb = nbformat.reads(NOTEBOOK.read_text(), as_version=4)
     _inject(nb, nbformat, f"NUM_DEVICES = {num_devices}")
     client = nbclient.NotebookClient(nb, kernel_name="ldjax-notebook-test", timeout=600,
                                      resources={"metadata": {"path": str(ROOT / "notebooks")}})
     client.execute()
-
-    text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {}))
-                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not any(o.get("output_type") == "error" for o in outputs)
+    text = "\n".join(o.get("text", "") + json.dumps(o.get("data", {})) for o in outputs)
     assert "backend: cpu" in text
-    # SFT and DPO ran on the requested mesh; everything was written under LDJAX_NOTEBOOK_OUT.
+    return text, out
+
+
+def _check_run(text, out, num_devices, *, split_terms):
+    """Stages on the requested mesh, written under LDJAX_NOTEBOOK_OUT; curves drawn; decomposition
+    records logged; the exactness cell ran."""
     stages = out / "pipeline" / "seed0"
-    for stage in ("base", "sft", "dpo"):
-        assert (stages / stage / "model" / "config.json").is_file()
     for stage in ("sft", "dpo"):
+        assert (stages / stage / "model" / "config.json").is_file()
         assert json.loads((stages / stage / "summary.json").read_text())["devices"] == num_devices
-    # Probe curves drawn, decomposition records logged (with the DPO term split), exactness checked.
     assert (out / "sft_curves.png").stat().st_size > 10_000 and (out / "dpo_curves.png").stat().st_size > 10_000
     assert "image/png" in text
-    records = [json.loads(line) for line in (stages / "dpo" / "tracking.jsonl").read_text().splitlines()]
-    decomposed = [r["decompose"] for r in records if r.get("decompose")]
-    assert decomposed and all("terms" in d and d["correlation"] > 0.9 for d in decomposed)
-    assert "first-order effect of each part of the update" in text
+    for stage in ("sft", "dpo"):
+        records = [json.loads(line) for line in (stages / stage / "tracking.jsonl").read_text().splitlines()]
+        decomposed = [r["decompose"] for r in records if r.get("decompose")]
+        assert decomposed and all(set(d["predicted"]) == set(d["actual"]) for d in decomposed)
+        assert all(("terms" in d) == (split_terms and stage == "dpo") for d in decomposed)
+    assert ("first-order effect of each part of the update" in text) == split_terms
     assert "gap ratio per halving of lr" in text
+
+
+@pytest.mark.slow
+def test_notebook_runs_in_quick_mode_on_cpu(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nb = nbformat.reads(NOTEBOOK.read_text(), as_version=4)
+    text, out = _execute(nb, tmp_path, monkeypatch, num_devices=2)
+    _check_run(text, out, 2, split_terms=True)
+    assert (out / "pipeline" / "seed0" / "base" / "model" / "config.json").is_file()  # pretrained here
+    records = [json.loads(line) for line in (out / "pipeline" / "seed0" / "dpo" / "tracking.jsonl").read_text().splitlines()]
+    assert all(r["decompose"]["correlation"] > 0.9 for r in records if r.get("decompose"))
+
+
+def _hh_fixture(path: pathlib.Path, words: list[str], n: int) -> None:
+    """An Anthropic-HH-shaped ``train.jsonl.gz`` of random words of the fixture tokenizer."""
+    import gzip
+    import random
+    rng = random.Random(0)
+
+    def text(k):
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    with gzip.open(path, "wt") as f:
+        for _ in range(n):
+            prompt = f"\n\nHuman: {text(rng.randint(6, 12))}\n\nAssistant:"
+            f.write(json.dumps({"chosen": f"{prompt} {text(rng.randint(8, 20))}",
+                                "rejected": f"{prompt} {text(rng.randint(8, 20))}"}) + "\n")
+
+
+@pytest.mark.slow
+def test_notebook_full_mode_path_with_local_fixtures(tmp_path, monkeypatch):
+    """The full-mode cells (hub download, HH JSONL, paper preset, mesh batch, light DPO hook, exactness
+    on the loaded model) with the hub replaced by local files: the tiny GPT-NeoX golden checkpoint
+    (positions raised to the paper's 512) and a random-word HH file. Checks the code path, not Pythia."""
+    import shutil
+    nbformat = pytest.importorskip("nbformat")
+    model = tmp_path / "fixture_model"
+    shutil.copytree(ROOT / "tests" / "golden" / "gpt_neox_parallel", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 512}))
+    words = [w for w in json.loads((model / "tokenizer.json").read_text())["model"]["vocab"] if w.startswith("w")]
+    hh = tmp_path / "train.jsonl.gz"
+    _hh_fixture(hh, words, 40)
+    nb = nbformat.reads(NOTEBOOK.read_text(), as_version=4)
+    _inject(nb, nbformat, "\n".join([
+        "QUICK = False", "N_TRAIN = 27", "SFT_EPOCHS = 1", "DPO_EPOCHS = 1", "TRACK_PROMPTS = 4", "TRACK_EVERY = 2",
+        "DECOMPOSE_EVERY = 2", "DECOMPOSE_PROMPTS = 2",
+        "import huggingface_hub, shutil",
+        f"def _snapshot(repo_id, local_dir, **kw): shutil.copytree({str(model)!r}, local_dir, dirs_exist_ok=True); return local_dir",
+        f"huggingface_hub.snapshot_download = _snapshot",
+        f"huggingface_hub.hf_hub_download = lambda repo_id, filename, repo_type=None: {str(hh)!r}"]))
+    text, out = _execute(nb, tmp_path, monkeypatch, num_devices=2)
+    _check_run(text, out, 2, split_terms=False)
+    assert "batch 4 over 2 device(s), rmsprop lr 5e-07/5e-07, warm-up 150, clip 10.0, beta 0.1, length 512 (prompt 256)" in text
+    assert not (out / "pipeline" / "seed0" / "base").exists()  # the downloaded model is the base
+    assert len((out / "hh_helpful-base_30.jsonl").read_text().splitlines()) == 30
