@@ -36,9 +36,10 @@ venv: $(VENV)/.installed
 oracle-venv: $(ORACLE)/.installed
 torch-venv: $(TORCH)/.installed
 
-## The main job on the embedded default (CPU, no download): writes figures, JSON and a report to $(OUT)/
+## The main job on the embedded default (CPU, no download): every experiment, $(OUT)/REPORT.md and $(OUT)/claims.json
+## (ARGS=--quick for the smoke run; exit status 1 when a kind="check" row fails)
 demo: venv
-	$(PY) -m experiments.demo --out $(OUT)
+	$(VENV)/bin/ldjax reproduce --out $(OUT) $(ARGS)
 
 ## The whole test suite: main environment, then the neural-tangents oracle leg.
 ## The torch reference is optional: if it cannot be installed, its live legs skip with a reason.

@@ -252,7 +252,7 @@ def test_wheel_ships_the_cli_and_the_experiments(tmp_path):
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("ldjax-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for path in ("ldjax/cli.py", "ldjax/__main__.py", "ldjax/data/text.py", "experiments/demo.py",
+    for path in ("ldjax/cli.py", "ldjax/__main__.py", "ldjax/data/text.py", "experiments/reproduce.py",
                  "experiments/__init__.py"):
         assert path in names, path
     assert not any(n.startswith(("tests/", "experiments/results/")) for n in names)

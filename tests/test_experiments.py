@@ -1,13 +1,14 @@
 """Smoke tests of the experiments with tiny configs: files written, must-show numbers in range.
 
-One quick demo run (all three experiments, ~30 s on 2 cores) is shared by the tests below.
+One quick run of the main job's classification experiments (``ldjax reproduce --quick --only
+squeeze_logreg,first_order,mnist_dynamics``, ~30 s on 2 cores) is shared by the tests below.
 """
 import json
 
 import numpy as np
 import pytest
 
-from experiments import demo, first_order, mnist_dynamics
+from experiments import first_order, mnist_dynamics, reproduce
 from experiments.claims import read_claims
 from ldjax.data import mnist
 
@@ -15,7 +16,7 @@ from ldjax.data import mnist
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = demo.main(demo.Config(out=str(out), quick=True))
+    result = reproduce.main(reproduce.Config(out=str(out), quick=True, only=reproduce.CLASSIC))
     return out, result
 
 
@@ -72,17 +73,23 @@ def test_first_order_claims(demo_run):
         assert r["value"]["loglog_slope"] == s["loglog_slope"]
 
 
-def test_demo_writes_linked_report(demo_run):
+def test_main_job_writes_report_and_claims(demo_run):
     out, result = demo_run
-    assert result["failed"] == []
-    report = (out / "report.md").read_text()
-    for name in demo.EXPERIMENTS:
-        assert f"[{name}]({name}/report.md) — ok" in report
+    assert result["crashed"] == [] and result["failed_checks"] == [] and reproduce.exit_status(result) == 0
+    report = (out / "REPORT.md").read_text()
+    assert "QUICK SMOKE RUN" in report
+    rows = json.loads((out / "claims.json").read_text())
+    for name in reproduce.CLASSIC:
+        assert f"## {name} — ok" in report and f"[{name}/report.md]({name}/report.md)" in report
         assert (out / name / "report.md").is_file() and (out / name / "results.json").is_file()
-        assert list((out / name).glob("*.png")), f"{name} wrote no figure"
-        assert "headline keys not found" not in report, report
+        pngs = list((out / name).glob("*.png"))
+        assert pngs, f"{name} wrote no figure"
+        for png in pngs:  # every figure embedded, with its caption
+            key = f"{name}/{png.name}"
+            assert f"![{key}]({key})" in report and reproduce.CAPTIONS[key] in report
+        assert [r for r in rows if r["experiment"] == name] == read_claims(out / name / "claims.json")
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["experiments"]) == set(demo.EXPERIMENTS)
+    assert set(summary["experiments"]) == set(reproduce.CLASSIC)
 
 
 def test_squeeze_threshold_rule_exact(demo_run):
@@ -185,29 +192,9 @@ def test_mnist_dynamics_lenet_tiny(tmp_path):
     _check_mnist(tmp_path / "mnist", mnist_dynamics.main(config), num_analysed=4)
 
 
-def test_demo_reports_a_failure_and_exits_nonzero(tmp_path, monkeypatch):
-    import experiments.squeeze_logreg as squeeze_logreg
-
-    def broken(config):
-        raise RuntimeError("deliberately broken for the test")
-
-    monkeypatch.setattr(squeeze_logreg, "main", broken)
-    result = demo.main(demo.Config(out=str(tmp_path), only=("squeeze_logreg",)))
-    assert result["failed"] == ["squeeze_logreg"]
-    report = (tmp_path / "report.md").read_text()
-    assert "squeeze_logreg](squeeze_logreg/report.md) — failed" in report
-    assert "deliberately broken for the test" in report
-
-
-def test_headline_falls_back_when_keys_move():
-    lines = demo.headline("first_order", {"renamed": 1.5, "ok": True})
-    assert lines[0].startswith("(headline keys not found")
-    assert "renamed: 1.5" in lines and "ok: True" in lines
-
-
 def test_config_errors():
     with pytest.raises(ValueError, match="unknown experiments"):
-        demo.Config(only=("mnist",))
+        reproduce.Config(only=("mnist",))
     with pytest.raises(ValueError, match="model"):
         mnist_dynamics.Config(model="resnet")
     with pytest.raises(ValueError, match="train_per_class"):
