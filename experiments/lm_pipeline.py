@@ -348,13 +348,14 @@ def _token_changes(apply_fn, params, update, input_ids, attention_mask, loss_mas
     import jax.numpy as jnp
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     logits, dz = jax.jvp(lambda p: apply_fn(p, inputs), (params,), (update,))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    dz = dz.astype(jnp.float32)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)  # float64 models stay float64 (exactness checks)
+    probs = jax.nn.softmax(logits.astype(dtype), axis=-1)
+    dz = dz.astype(dtype)
     a_dz = dz - jnp.sum(probs * dz, axis=-1, keepdims=True)  # A Δz per logits row
     next_ids = input_ids[:, 1:]
     at_y = jnp.take_along_axis(a_dz[:, :-1], next_ids[..., None], axis=-1)[..., 0]
     at_star = jnp.take_along_axis(a_dz[:, :-1], jnp.argmax(logits[:, :-1], -1)[..., None], axis=-1)[..., 0]
-    scored = (loss_mask[:, 1:] != 0).astype(jnp.float32)
+    scored = (loss_mask[:, 1:] != 0).astype(dtype)
     return (at_y * scored).sum(-1), (at_star * scored).sum(-1)
 
 
@@ -390,14 +391,16 @@ def split_update(update, grads, trainable_head: Callable[[str], bool] = is_head)
 
 
 def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] | None = None,
-                       split_families: tuple[str, ...] = ("chosen", "rejected")) -> TrackerHook:
+                       split_families: tuple[str, ...] = ("chosen", "rejected"),
+                       prompts: int | None = None) -> TrackerHook:
     """A tracker hook whose ``decompose_fn`` decomposes every ``every``-th tracked step.
 
     On the probe set (``families``, default all) it logs, per family (means over prompts):
     ``predicted`` = ``A J_o u`` along the update really taken
     (:func:`ldjax.sequence_dynamics.predict_for_update`) and ``actual`` = the change after the
     step (:func:`ldjax.sequence_dynamics.actual_change`), with their per-response correlation
-    and relative gap ``‖pred − act‖ / ‖act‖``; and for ``split_families`` the first-order change
+    and relative gap ``‖pred − act‖ / ‖act‖`` (over the first ``prompts`` probe prompts, default all:
+    at Pythia scale a few prompts keep the JVP batch small); and for ``split_families`` the first-order change
     of the response and of its argmax path ``y*`` caused by each part of :func:`split_update`
     (``terms[family][part] = [Δ log π(y), Δ y*]``).
     """
@@ -409,8 +412,8 @@ def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] |
         apply_fn, _ = sd.lm_apply_fn(model)
         probe = tracker.probe_set
         fams = tuple(f for f in (families or probe.families) if f in probe.arrays)
-        p = probe.num_prompts
-        observed = {k: jnp.asarray(np.concatenate([probe.arrays[f][k] for f in fams])) for k in sd.SEQUENCE_KEYS}
+        p = min(probe.num_prompts, prompts or probe.num_prompts)
+        observed = {k: jnp.asarray(np.concatenate([probe.arrays[f][k][:p] for f in fams])) for k in sd.SEQUENCE_KEYS}
         token_changes = jax.jit(functools.partial(_token_changes, apply_fn))
         calls = [0]
 
@@ -437,7 +440,7 @@ def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] |
                 a = probe.arrays[f]
                 terms[f] = {}
                 for name, u in parts.items():
-                    d_y, d_star = token_changes(before, u, *(jnp.asarray(a[k]) for k in sd.SEQUENCE_KEYS))
+                    d_y, d_star = token_changes(before, u, *(jnp.asarray(a[k][:p]) for k in sd.SEQUENCE_KEYS))
                     terms[f][name] = [float(np.mean(d_y)), float(np.mean(d_star))]
             record["terms"] = terms
             return record
