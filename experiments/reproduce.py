@@ -47,6 +47,7 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from ldjax.config import parse_config, to_dict
+from ldjax.train.config import ConfigError  # a usage error: `ldjax reproduce` reports it in one line, status 2
 
 CLASSIC = ("squeeze_logreg", "first_order", "mnist_dynamics")
 LLM = ("sft_dynamics", "dpo_dynamics", "token_squeeze", "first_order_lm", "kernel_balance", "regime_search")
@@ -146,15 +147,15 @@ class Config:
     def __post_init__(self):
         unknown = [name for name in self.only if name not in EXPERIMENTS]
         if unknown:
-            raise ValueError(f"--only: unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
+            raise ConfigError(f"--only: unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
         if not self.only:
-            raise ValueError("--only: name at least one experiment")
+            raise ConfigError("--only: name at least one experiment")
         if self.seeds < 1:
-            raise ValueError(f"--seeds: must be >= 1, got {self.seeds}")
+            raise ConfigError(f"--seeds: must be >= 1, got {self.seeds}")
         if self.data and not pathlib.Path(self.data).is_file():
-            raise ValueError(f"--data: no such file {self.data!r}")
+            raise ConfigError(f"--data: no such file {self.data!r}")
         if self.model and not (pathlib.Path(self.model) / "config.json").is_file():
-            raise ValueError(f"--model: {self.model!r} is not a Hugging Face model directory (no config.json)")
+            raise ConfigError(f"--model: {self.model!r} is not a Hugging Face model directory (no config.json)")
 
 
 # ----------------------------------------------------------------------------- running

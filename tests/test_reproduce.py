@@ -22,6 +22,19 @@ def test_flags_are_validated(tmp_path):
         reproduce.Config(model=str(tmp_path))
 
 
+def test_bad_flags_end_in_one_line_with_status_2(tmp_path):
+    import subprocess
+    import sys
+    for args, named in ((["--only", "nope"], "--only"), (["--data", str(tmp_path / "x.jsonl")], "--data"),
+                        (["--seeds", "abc"], "--seeds")):
+        proc = subprocess.run([sys.executable, "-m", "ldjax", "reproduce", *args, "--out", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=120)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and named in lines[0], (args, proc.stderr)
+        assert lines[0].startswith("ldjax reproduce: error:") and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_experiment_configs_share_the_pipeline_and_pass_sources_only_to_llm_experiments(tmp_path):
     data = tmp_path / "hh.jsonl"
     data.write_text("{}\n")
