@@ -86,12 +86,29 @@ class Config:
             raise ValueError(f"Config.starts ⊆ {STARTS} and Config.trainable ⊆ {TRAINABLE}, both non-empty")
 
 
-def dpo_overrides(config: Config, pcfg: PipelineConfig) -> dict[str, Any]:
-    """Optimizer fields of the DPO jobs."""
+def dpo_overrides(config) -> dict[str, Any]:
+    """Optimizer fields of the DPO jobs from a config with ``preset``, ``dpo_optimizer``, ``dpo_lr``
+    (this experiment's, or :mod:`experiments.sharpness`' / :mod:`experiments.extend`'s)."""
     if config.preset == "paper":
         return {}
     lr = config.dpo_lr or (2e-3 if config.dpo_optimizer == "sgd" else 1e-5)
     return {"optimizer": config.dpo_optimizer, "learning_rate": lr}
+
+
+DECOMPOSE_FAMILIES = ("chosen", "rejected", "chosen_rephrase", "other_train")
+
+
+def dpo_stage(pipeline: Pipeline, seed: int, origin: Stage, start: str, trainable: str, overrides: dict[str, Any],
+              decompose_every: int) -> Stage:
+    """The DPO job from ``origin`` (named ``dpo_<start>_<trainable>``) with the per-step decomposition hook.
+
+    Other experiments that start DPO from the same stage with the same settings get this job
+    from the cache (the name, tag and config make its key).
+    """
+    hook = decomposition_hook(PreferenceObjective(loss_type="sigmoid", beta=pipeline.config.beta),
+                              every=decompose_every, families=DECOMPOSE_FAMILIES)
+    return pipeline.dpo(seed, origin, name=f"dpo_{start}_{trainable}", tag=f"decompose:every={decompose_every};{trainable}",
+                        tracker_hook=hook, optimizer_wrapper=head_only if trainable == "head" else None, **overrides)
 
 
 # ------------------------------------------------------------------------------ per-token squeeze
@@ -258,8 +275,7 @@ def main(config: Config) -> dict[str, Any]:
                            dpo_steps=config.dpo_steps)
     pipeline = Pipeline(pcfg)
     seeds = list(config.seeds)
-    overrides = dpo_overrides(config, pcfg)
-    objective = PreferenceObjective(loss_type="sigmoid", beta=pcfg.beta)
+    overrides = dpo_overrides(config)
     variants = [(s, t) for s in config.starts for t in config.trainable]
     curves: dict[str, list] = {f"{s}/{t}": [] for s, t in variants}
     records: dict[str, list] = {f"{s}/{t}": [] for s, t in variants}
@@ -275,10 +291,7 @@ def main(config: Config) -> dict[str, Any]:
                            - sft_curves["logps"]["chosen"][-1]})
         for s, t in variants:
             origin = sft if s == "sft" else base
-            hook = decomposition_hook(objective, every=config.decompose_every,
-                                      families=("chosen", "rejected", "chosen_rephrase", "other_train"))
-            stage = pipeline.dpo(seed, origin, name=f"dpo_{s}_{t}", tag=f"decompose:every={config.decompose_every};{t}",
-                                 tracker_hook=hook, optimizer_wrapper=head_only if t == "head" else None, **overrides)
+            stage = dpo_stage(pipeline, seed, origin, s, t, overrides, config.decompose_every)
             key = f"{s}/{t}"
             stages[f"seed{seed}/{key}"] = {"dir": str(stage.out), "reused": stage.reused, "seconds": stage.seconds}
             c = read_curves(stage)

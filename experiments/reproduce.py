@@ -8,6 +8,8 @@ Runs, each into ``OUT/<name>/`` (figures, ``results.json``, ``report.md``, ``cla
 - ``sft_dynamics`` — probe curves and the per-step decomposition during SFT (SPEC §3);
 - ``dpo_dynamics`` — off-policy DPO from SFT and from the base model, all parameters vs the
   head only: the squeeze per token and which term of the update did it (SPEC §2–3);
+- ``sharpness`` — DPO after a short vs a long SFT: does a sharper start squeeze harder?
+- ``extend`` — the paper's mitigation: SFT on chosen and rejected before DPO, vs the baseline;
 - ``token_squeeze`` — the squeezing theorem at single tokens inside a language model;
 - ``first_order_lm`` — predicted vs actual per-response change on the LM, the gap vs η;
 - ``kernel_balance`` — head vs body part of the LM eNTK and whether it predicts the squeeze;
@@ -50,14 +52,16 @@ from ldjax.config import parse_config, to_dict
 from ldjax.train.config import ConfigError  # a usage error: `ldjax reproduce` reports it in one line, status 2
 
 CLASSIC = ("squeeze_logreg", "first_order", "mnist_dynamics")
-LLM = ("sft_dynamics", "dpo_dynamics", "token_squeeze", "first_order_lm", "kernel_balance", "regime_search")
+LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "token_squeeze", "first_order_lm", "kernel_balance",
+       "regime_search")
 EXPERIMENTS = CLASSIC + LLM
 # Experiments that sweep tiny models of their own: with --model they have nothing to run on.
 TINY_ONLY = ("kernel_balance",)
 
 # The CPU scale of the main job (≈ 15 min on 2 cores in all); fields a Config lacks are skipped.
+DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reuse dpo_dynamics' DPO job
 CPU_SCALE: dict[str, dict[str, Any]] = {
-    "dpo_dynamics": dict(dpo_steps=60, dpo_lr=4e-3),
+    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE,
     "token_squeeze": dict(widths=(64,), contexts=6, halvings=6),
     "kernel_balance": dict(variants=("untied_d32_L2_short", "untied_d64_L2_short", "tied_d64_L2_short"),
                            dpo_variants=("untied_d32_L2_short", "tied_d64_L2_short"), prompts=3, positions=4),
@@ -109,6 +113,10 @@ CAPTIONS: dict[str, str] = {
     "dpo_dynamics/dpo_curves_base_head.png": "DPO from the base model with only the output head trained (identity-K control).",
     "dpo_dynamics/dpo_decomposition_terms.png": "Which part of the update moved chosen and y*: the chosen and rejected terms of the DPO "
                                                 "gradient, each split into head and body parameters (first order, nats per step).",
+    "sharpness/sharpness.png": "DPO from a short (1 epoch) and a long SFT: change of chosen, rejected and y* from the DPO "
+                               "start. The paper: from the sharper start chosen falls sooner and further and y* rises faster.",
+    "extend/extend.png": "SFT then DPO on one axis (dashed: DPO starts), SFT on chosen only (baseline) vs on chosen and "
+                         "rejected (extend). The paper: with extend y⁻ starts DPO out of the valley, chosen falls less.",
     "token_squeeze/token_bars.png": "One SGD step on one token's loss inside the LM: actual change of π at that context vs the exact-K "
                                     "prediction and the identity-K closed form of the theorem, for the largest classes.",
     "token_squeeze/squeeze_rates.png": "How often each squeezing claim (argmax gains, largest relative gain, threshold rule, risers, "
