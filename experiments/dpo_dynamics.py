@@ -99,15 +99,18 @@ DECOMPOSE_FAMILIES = ("chosen", "rejected", "chosen_rephrase", "other_train")
 
 
 def dpo_stage(pipeline: Pipeline, seed: int, origin: Stage, start: str, trainable: str, overrides: dict[str, Any],
-              decompose_every: int) -> Stage:
-    """The DPO job from ``origin`` (named ``dpo_<start>_<trainable>``) with the per-step decomposition hook.
+              decompose_every: int, variant: str = "") -> Stage:
+    """The DPO job from ``origin`` (named ``dpo_<start>_<trainable>[_<variant>]``) with the per-step
+    decomposition hook.
 
     Other experiments that start DPO from the same stage with the same settings get this job
-    from the cache (the name, tag and config make its key).
+    from the cache (the name, tag and config make its key); a job with other settings needs its
+    own ``variant`` name, or it would replace the cached one.
     """
     hook = decomposition_hook(PreferenceObjective(loss_type="sigmoid", beta=pipeline.config.beta),
                               every=decompose_every, families=DECOMPOSE_FAMILIES)
-    return pipeline.dpo(seed, origin, name=f"dpo_{start}_{trainable}", tag=f"decompose:every={decompose_every};{trainable}",
+    name = f"dpo_{start}_{trainable}" + (f"_{variant}" if variant else "")
+    return pipeline.dpo(seed, origin, name=name, tag=f"decompose:every={decompose_every};{trainable}",
                         tracker_hook=hook, optimizer_wrapper=head_only if trainable == "head" else None, **overrides)
 
 

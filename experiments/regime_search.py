@@ -41,11 +41,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
+from experiments.dpo_dynamics import dpo_stage
 from experiments.sft_dynamics import sft_stage
-from experiments.lm_pipeline import (Pipeline, PipelineConfig, decomposition_hook, enable_compile_cache, head_only,
+from experiments.lm_pipeline import (Pipeline, PipelineConfig, enable_compile_cache,
                                      read_curves, rise_then_fall)
 from ldjax.config import parse_config, to_dict
-from ldjax.sequence_dynamics import PreferenceObjective
 from ldjax.tracking import read_tracking
 
 EXPERIMENT = "regime_search"
@@ -65,9 +65,15 @@ class Regime:
     start: str = "sft"  # "sft" | "base"
     head_only: bool = False
     tiny_only: bool = False  # changes the tiny model: skipped with --model
+    lr_scale: float = 1.0  # × the reference DPO learning rate
+    steps_scale: int = 1  # × the reference DPO steps
+
+    @property
+    def own_dpo(self) -> bool:
+        """Whether its DPO job differs from the reference's on the same pipeline (then it is named apart)."""
+        return bool(self.dpo) or self.lr_scale != 1.0 or self.steps_scale != 1
 
 
-REFERENCE_DPO = {"optimizer": "sgd", "learning_rate": 2e-3}
 REGIMES = (
     Regime("reference", "— (dpo_dynamics' setting)"),
     Regime("head_only", "only `lm_head` trainable (identity-K control)", head_only=True),
@@ -75,8 +81,8 @@ REGIMES = (
     Regime("adam", "Adam lr 1e-5 instead of SGD (SPEC §3's first look)", dpo={"optimizer": "adam", "learning_rate": 1e-5}),
     Regime("adam_fast", "Adam lr 5e-5 (SPEC §3's flattening runs)", dpo={"optimizer": "adam", "learning_rate": 5e-5}),
     Regime("sgd_fast", "SGD lr 1e-2 (SPEC §3's flattening SGD run)", dpo={"learning_rate": 1e-2}),
-    Regime("small_lr_long", "SGD lr 5e-4 for 480 steps (margin still growing at the end)",
-           dpo={"learning_rate": 5e-4, "num_steps": 480}),
+    Regime("small_lr_long", "SGD at a quarter of the learning rate for 4× the steps (the margin still grows at the end)",
+           lr_scale=0.25, steps_scale=4),
     Regime("foreign_rejected", "rejected = narrative text after the shared prefix (deeper valley)",
            pipeline={"world_rejected_style": "foreign"}),
     Regime("narrow_d32", "width d=32", pipeline={"d_model": 32}, tiny_only=True),
@@ -100,7 +106,9 @@ class Config:
     data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
     data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
     model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining and the tiny-model rows)"})
-    decompose_every: int = dataclasses.field(default=3, metadata={"help": "decompose every k-th tracked DPO step"})
+    dpo_lr: float = dataclasses.field(default=2e-3, metadata={"help": "reference DPO: SGD learning rate (dpo_dynamics' default)"})
+    dpo_steps: int = dataclasses.field(default=0, metadata={"help": "reference DPO steps (0 = the pipeline preset's)"})
+    decompose_every: int = dataclasses.field(default=3, metadata={"help": "decompose every k-th tracked DPO step (as dpo_dynamics: its jobs are reused)"})
     compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
@@ -123,8 +131,10 @@ def pipeline_for(config: Config, regime: Regime) -> PipelineConfig:
     tag = "_".join(f"{k}-{v}" for k, v in sorted(overrides.items()))
     common = dict(run_dir=str(pathlib.Path(config.run_dir) / tag) if tag else config.run_dir, data=config.data,
                   data_format=config.data_format, model=config.model, **overrides)
+    if config.dpo_steps:
+        common["dpo_steps"] = config.dpo_steps
     if config.quick:
-        return PipelineConfig.quick_preset(**{**common, **QUICK_PIPELINE, **{k: v for k, v in overrides.items()}})
+        return PipelineConfig.quick_preset(**{**QUICK_PIPELINE, **common})
     return PipelineConfig(**common)
 
 
@@ -162,14 +172,13 @@ def run_regime(config: Config, regime: Regime, seed: int) -> dict[str, Any]:
     pipeline = Pipeline(pcfg)
     base, sft = sft_stage(pipeline, seed, SFT_DECOMPOSE_EVERY)  # sft_dynamics' stage (shared cache key)
     origin = sft if regime.start == "sft" else base
-    dpo = {**REFERENCE_DPO, **regime.dpo}
-    if config.quick:
-        dpo["num_steps"] = pcfg.dpo_steps
-    hook = decomposition_hook(PreferenceObjective(loss_type="sigmoid", beta=pcfg.beta), every=config.decompose_every,
-                              families=("chosen", "rejected"))
-    stage = pipeline.dpo(seed, origin, name=f"dpo_{regime.name}", tracker_hook=hook,
-                         tag=f"decompose:every={config.decompose_every};{'head' if regime.head_only else 'full'}",
-                         optimizer_wrapper=head_only if regime.head_only else None, **dpo)
+    # The reference's DPO job is dpo_dynamics' (same name, settings and hook: one cached job);
+    # head_only and from_base are its sft/head and base/full jobs.
+    dpo = {"optimizer": "sgd", "learning_rate": config.dpo_lr * regime.lr_scale, **regime.dpo}
+    if regime.steps_scale != 1:
+        dpo["num_steps"] = pcfg.dpo_steps * regime.steps_scale
+    stage = dpo_stage(pipeline, seed, origin, regime.start, "head" if regime.head_only else "full", dpo,
+                      config.decompose_every, variant=regime.name if regime.own_dpo else "")
     o = outcome(stage)
     o.update(seed=seed, seconds=stage.seconds, reused=stage.reused, dpo=dpo, start=regime.start,
              pipeline={k: v for k, v in to_dict(pcfg).items() if k in regime.pipeline})
@@ -293,7 +302,8 @@ def report(config: Config, results: dict[str, list[dict]], rows: list[Claim], wa
                if config.quick else []),
              "Reference setting: the DPO of `experiments.dpo_dynamics` (embedded world, tiny GPT-NeoX with an untied "
              "head, d=64, 2 layers, pretrained 600 steps, SFT 160 Adam steps at 1e-4, off-policy DPO from the SFT "
-             "model with SGD lr 2e-3 for 120 steps, β 0.1, batch 16); each row changes one thing. "
+             f"model with SGD lr {config.dpo_lr:g} for {config.dpo_steps or PipelineConfig().dpo_steps} steps, β 0.1, "
+             "batch 16); each row changes one thing. "
              f"Seeds {list(config.seeds)}. Wall time {wall:.0f} s.", "",
              "Columns: end − start of the DPO run in nats (means over seeds; early rise = max − start of chosen); "
              "squeezes = y* along chosen rises and chosen falls (> 0.1 nats), seeds that did; push columns = mean "

@@ -24,9 +24,9 @@ def test_each_regime_changes_something_real():
         assert set(r.dpo) <= dpo_fields, r.name
         assert r.start in ("sft", "base")
     names = [r.name for r in regime_search.REGIMES if r.name != "reference"]
-    changes = [(tuple(sorted(r.pipeline.items())), tuple(sorted(r.dpo.items())), r.start, r.head_only)
-               for r in regime_search.REGIMES if r.name != "reference"]
-    assert all(c != ((), (), "sft", False) for c in changes), names  # no row repeats the reference
+    changes = [(tuple(sorted(r.pipeline.items())), tuple(sorted(r.dpo.items())), r.start, r.head_only, r.lr_scale,
+                r.steps_scale) for r in regime_search.REGIMES if r.name != "reference"]
+    assert all(c != ((), (), "sft", False, 1.0, 1) for c in changes), names  # no row repeats the reference
     assert len(set(changes)) == len(changes)
 
 
