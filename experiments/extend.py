@@ -57,6 +57,10 @@ class Config:
     dpo_lr: float = dataclasses.field(default=0.0, metadata={"help": "DPO learning rate (0 = dpo_dynamics' default)"})
     sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics (to reuse its SFT stage)"})
     decompose_every: int = dataclasses.field(default=3, metadata={"help": "as dpo_dynamics (to reuse its DPO stage)"})
+    samples: int = dataclasses.field(default=3, metadata={"help": "generations per held-out prompt and model for the win rate (0 = no win rate)"})
+    max_new_tokens: int = dataclasses.field(default=32, metadata={"help": "longest generation (world answers are <= 30 words + EOS)"})
+    temperature: float = dataclasses.field(default=1.0, metadata={"help": "sampling temperature of the generations"})
+    judge: str = dataclasses.field(default="", metadata={"help": "with --data: a local Hugging Face causal LM directory as the judge (ldjax.judge.LMJudge); the embedded world uses its own generators (WorldJudge)"})
     compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
@@ -86,6 +90,37 @@ def claims(per_seed: dict[str, list[dict[str, float]]], seeds: list[int]) -> lis
               "paper", min(diff("rejected_start")) > TOL, effect(diff("rejected_start"), **both("rejected_start")),
               tuple(seeds)),
     ]
+
+
+def judge_for(config: Config, job_config):
+    """The offline judge: the world's own generators (``WorldJudge``) or, with ``--data``, ``--judge``'s LM."""
+    from ldjax import cli
+    from ldjax.judge import LMJudge, WorldJudge
+    if not config.data:
+        return WorldJudge(cli._world(job_config)), "world"
+    if config.judge:
+        return LMJudge(config.judge), "lm"
+    return None, "none"
+
+
+def judge_check(judge, test) -> dict[str, Any]:
+    """How often the judge prefers the held-out chosen response to the rejected one (SPEC: ≥ 95 %)."""
+    from ldjax.judge import binomial_interval
+    prompts = [e.prompt for e in test]
+    chosen = np.asarray(judge.scores(prompts, [e.chosen for e in test]))
+    rejected = np.asarray(judge.scores(prompts, [e.rejected for e in test]))
+    hits = int((chosen > rejected).sum())
+    low, high = binomial_interval(hits, len(test))
+    return {"rate": hits / len(test), "n": len(test), "low": low, "high": high}
+
+
+def generations(model_dir: str, prompts: list[str], config: Config, seed: int) -> list[list[str]]:
+    """``config.samples`` sampled responses per prompt (sample k uses seed ``1000·seed + k``)."""
+    from ldjax.generation import generate
+    from ldjax.models.hf import load_pretrained
+    model, tokenizer = load_pretrained(model_dir)
+    return [generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                     seed=1000 * seed + k) for k in range(config.samples)]
 
 
 def two_phases(sft_curves: dict[str, Any], dpo_curves: dict[str, Any]) -> dict[str, Any]:
@@ -133,7 +168,7 @@ def main(config: Config) -> dict[str, Any]:
     seeds = list(config.seeds)
     per_seed: dict[str, list] = {r: [] for r in RUNS}
     phases: dict[str, list] = {r: [] for r in RUNS}
-    records = []
+    records, finals = [], {}
     for seed in seeds:
         base, baseline_sft = sft_stage(pipeline, seed, config.sft_decompose_every)
         extend_sft = pipeline.sft(seed, base, name="sft_extend", sft_on_both=True)
@@ -146,22 +181,64 @@ def main(config: Config) -> dict[str, Any]:
             per_seed[run].append(o)
             phases[run].append(two_phases(read_curves(origin), c))
             records += [(seed, step, r) for step, r in c["decompose"]]
+            finals.setdefault(seed, {})[run] = stage
             print(f"[extend] seed {seed} {run}: y⁻ at DPO start {o['rejected_start']:.1f}, Δchosen {o['d_chosen']:+.2f}, "
                   f"Δy* {o['d_argmax']:+.2f}", file=sys.stderr, flush=True)
     rows = claims(per_seed, seeds)
     check, check_value = first_order_check(records, seeds, EXPERIMENT, "DPO after both SFTs")
     rows.append(check)
+    wins = win_rate_rows(config, finals, seeds, rows)
     write_claims(out, rows)
     plot(phases, out / "extend.png")
     wall = time.perf_counter() - t0
     results = {"config": to_dict(config), "pipeline": to_dict(pcfg), "dpo_overrides": overrides, "seeds": seeds,
-               "per_seed": per_seed, "phases": phases, "first_order": check_value, "wall_s": wall}
+               "per_seed": per_seed, "phases": phases, "first_order": check_value, "win_rate": wins, "wall_s": wall}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "report.md").write_text(report(config, pcfg, overrides, per_seed, rows, wall))
+    (out / "report.md").write_text(report(config, pcfg, overrides, per_seed, rows, wall, wins))
     return results
 
 
-def report(config, pcfg, overrides, per_seed, rows, wall) -> str:
+def win_rate_rows(config: Config, finals: dict[int, dict[str, Any]], seeds: list[int], rows: list[Claim]) -> dict[str, Any]:
+    """Extend vs baseline generations (the final DPO models) on every held-out prompt, judged offline.
+
+    Appends the judge's own check (held-out chosen preferred to rejected ≥ 95 %, world judge) and
+    the win-rate claim to ``rows``; returns the numbers (per seed and pooled, Wilson 95 % intervals).
+    """
+    from ldjax import cli
+    from ldjax.judge import pool_win_rates, win_rate
+    if not config.samples or not finals:
+        return {"skipped": "--samples 0"}
+    from ldjax.train.config import DPOConfig
+    stage = finals[seeds[0]]["extend"]  # its job config names the data (world or --data) the models saw
+    job_config = DPOConfig(**json.loads((stage.out / "stage.json").read_text())["config"])
+    judge, kind = judge_for(config, job_config)
+    if judge is None:
+        return {"skipped": "--data without --judge: no offline judge for these responses"}
+    _, test, _, _ = cli.load_examples(job_config)
+    check = judge_check(judge, test)
+    if kind == "world":
+        rows.append(Claim(EXPERIMENT, "the offline judge (the world's chosen- vs rejected-style generator likelihood "
+                                      "ratio) prefers the held-out chosen response to the rejected one >= 95 % of the time",
+                          "check", check["rate"] >= 0.95, effect([check["rate"]], **check), tuple(seeds)))
+    prompts = [e.prompt for e in test]
+    per_seed = []
+    for seed in seeds:
+        a = generations(finals[seed]["extend"].model_dir, prompts, config, seed)
+        b = generations(finals[seed]["baseline"].model_dir, prompts, config, seed)
+        per_seed.append(win_rate(judge, prompts * config.samples, [r for rs in a for r in rs], [r for rs in b for r in rs]))
+        print(f"[extend] seed {seed}: extend vs baseline {per_seed[-1]}", file=sys.stderr, flush=True)
+    pooled = pool_win_rates(per_seed)
+    rows.append(Claim(EXPERIMENT, f"extend's generations win pairwise comparisons against the baseline's, judged offline "
+                                  f"({kind} judge; {len(prompts)} held-out prompts × {config.samples} samples per seed; "
+                                  "passes when the pooled 95 % Wilson interval lies above 0.5)", "paper",
+                      pooled.low > 0.5, effect([w.rate for w in per_seed], pooled=pooled.rate, low=pooled.low,
+                                               high=pooled.high, wins=pooled.wins, ties=pooled.ties,
+                                               losses=pooled.losses), tuple(seeds)))
+    return {"judge": kind, "judge_check": check, "prompts": len(prompts), "samples": config.samples,
+            "per_seed": [dataclasses.asdict(w) for w in per_seed], "pooled": dataclasses.asdict(pooled)}
+
+
+def report(config, pcfg, overrides, per_seed, rows, wall, wins=None) -> str:
     def fmt(run, key):
         v = [o[key] for o in per_seed[run]]
         return f"{np.mean(v):+.3g} ± {np.std(v):.2g}"
@@ -177,6 +254,18 @@ def report(config, pcfg, overrides, per_seed, rows, wall) -> str:
     for run in RUNS:
         lines.append(f"| {run} | {fmt(run, 'chosen_start')} | {fmt(run, 'rejected_start')} | {fmt(run, 'd_chosen')} | "
                      f"{fmt(run, 'd_argmax')} | {fmt(run, 'd_rejected')} | {fmt(run, 'a_norm')} |")
+    if wins and "pooled" in wins:
+        p = wins["pooled"]
+        lines += ["", f"**Win rate** of extend over baseline ({wins['judge']} judge, {wins['prompts']} held-out prompts × "
+                      f"{wins['samples']} samples × {len(config.seeds)} seeds; ties count half): {p['rate']:.3f} "
+                      f"[{p['low']:.3f}, {p['high']:.3f}] (Wilson 95 %), {p['wins']} wins / {p['ties']} ties / "
+                      f"{p['losses']} losses; per seed "
+                      + ", ".join(f"{w['rate']:.3f}" for w in wins["per_seed"])
+                      + f". The judge prefers the held-out chosen response in {wins['judge_check']['rate']:.1%} of "
+                        f"{wins['judge_check']['n']} pairs. Samples of one prompt share the prompt: the pooled interval "
+                        "counts comparisons, not independent prompts."]
+    elif wins:
+        lines += ["", f"Win rate: not measured ({wins.get('skipped')})."]
     lines += ["", "## Claims", "", claims_table([r.to_json() for r in rows]), ""]
     failed = [r for r in rows if r.kind == "paper" and not r.passed]
     if failed:
