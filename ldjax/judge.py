@@ -9,6 +9,8 @@ judge needs no external LLM:
   followed by ``_Grammar.rejected``) produce a given response text for a prompt, by dynamic
   programming over the words (every parse of the text into the generator's phrases is
   summed), and scores a response by the log-likelihood ratio ``log p₊ − log p₋``.
+- :class:`StyleNgramJudge` — the same two generators as smoothed word-bigram models fitted to
+  their own samples: a graded score for generations the exact grammar cannot parse.
 - :class:`LMJudge` — for a user's data: a local Hugging Face causal LM (GPT-NeoX / Qwen2,
   loaded with :func:`ldjax.models.load_pretrained`) scores a response by its log-probability
   given the prompt (optionally minus a reference model's).
@@ -492,6 +494,90 @@ class LMJudge:
         """True when ``a`` scores strictly higher than ``b``."""
         sa, sb = self.scores([prompt, prompt], [a, b])
         return bool(sa > sb)
+
+
+# --------------------------------------------------------------------------- smoothed style judge
+
+
+class StyleNgramJudge:
+    """The world's two generators as smoothed n-gram models: a graded judge for model generations.
+
+    :class:`WorldJudge` is exact but all-or-nothing: a generation one word outside the grammar
+    (a tiny LM mixing two templates) gets ``LOG_FLOOR`` from both generators, so two such
+    generations tie. This judge samples ``samples`` responses per topic from the world's own
+    chosen-style generator and as many from its rejected-style generator (the grammar of
+    ``build_world``, an RNG of its own), fits one word bigram model per style with interpolated
+    absolute discounting (discount ``discount``; backed off to an add-one unigram over the world
+    tokenizer's words plus the end marker, so every word sequence has a positive probability), and
+    scores a response by the log-likelihood ratio ``log p₊(y) − log p₋(y)`` of its words and end.
+
+    The topic's opener is modelled like any other words (the models are shared over topics).
+    Each conditional law sums to one over the vocabulary (tested), and the judge is tested like
+    :class:`WorldJudge`: on held-out pairs it prefers chosen to rejected ≥ 95 % of the time.
+    """
+
+    END = "</s>"
+    START = "<s>"
+
+    def __init__(self, world: Any, *, samples: int = 1000, discount: float = 0.75, seed: int = 12345):
+        from ldjax.data import world as W
+
+        if not 0.0 < discount < 1.0:
+            raise ValueError(f"discount must be in (0, 1), got {discount}")
+        config = getattr(world, "config", world)
+        tokenizer = getattr(world, "tokenizer", None)
+        grammar = W._Grammar(config, W._rng(config, "grammar"))
+        rng = np.random.default_rng(seed)
+        texts: dict[str, list[list[str]]] = {"chosen": [], "rejected": []}
+        for topic in W.TOPICS:
+            for _ in range(samples):
+                chosen = grammar.answer(f"opener_{topic}", rng)
+                texts["chosen"].append(W.render(chosen).split())
+                texts["rejected"].append(W.render(grammar.rejected(chosen, rng)).split())
+        vocab = {w for style in texts.values() for t in style for w in t}
+        if tokenizer is not None:
+            vocab |= set(tokenizer.get_vocab())
+        self.vocab = sorted(vocab | {self.END})
+        self.discount = discount
+        self._models = {style: self._fit(ts) for style, ts in texts.items()}
+
+    def _fit(self, texts: list[list[str]]) -> dict[str, Any]:
+        unigram: dict[str, int] = defaultdict(int)
+        bigram: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for words in texts:
+            seq = [self.START, *words, self.END]
+            for a, b in zip(seq[:-1], seq[1:]):
+                unigram[b] += 1
+                bigram[a][b] += 1
+        total = sum(unigram.values()) + len(self.vocab)
+        return {"unigram": {w: (unigram.get(w, 0) + 1) / total for w in self.vocab}, "floor": 1 / total,
+                "bigram": {a: (dict(nexts), sum(nexts.values())) for a, nexts in bigram.items()}}
+
+    def conditional(self, style: str, history: str, word: str) -> float:
+        """``p_style(word | previous word)`` (the start of a response is ``<s>``)."""
+        model = self._models[style]
+        base = model["unigram"].get(word, model["floor"])
+        if history not in model["bigram"]:
+            return base
+        nexts, count = model["bigram"][history]
+        return (max(nexts.get(word, 0) - self.discount, 0.0) + self.discount * len(nexts) * base) / count
+
+    def log_likelihood(self, response: str, style: Literal["chosen", "rejected"] = "chosen") -> float:
+        seq = [self.START, *response.split(), self.END]
+        return float(sum(math.log(self.conditional(style, a, b)) for a, b in zip(seq[:-1], seq[1:])))
+
+    def log_ratio(self, prompt: str, response: str) -> float:
+        del prompt  # the styles do not depend on the prompt beyond the opener words
+        return self.log_likelihood(response, "chosen") - self.log_likelihood(response, "rejected")
+
+    score = log_ratio
+
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
+        _check_lengths(prompts, responses)
+        return np.asarray([self.log_ratio(p, r) for p, r in zip(prompts, responses)])
+
+    def prefers(self, prompt: str, a: str, b: str) -> bool:
+        return self.log_ratio(prompt, a) > self.log_ratio(prompt, b)
 
 
 # ------------------------------------------------------------------------------ win rate

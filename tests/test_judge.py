@@ -360,3 +360,30 @@ def test_lm_judge_scores_like_a_plain_forward_pass(tmp_path):
     assert total.prefers(PROMPT, a, b) == (sum(by_hand(model, PROMPT, a)) > sum(by_hand(model, PROMPT, b)))
     r = win_rate(mean, prompts, responses, responses)
     assert (r.ties, r.rate) == (3, 0.5)
+
+
+# ------------------------------------------------------------------ the smoothed style judge
+
+
+@pytest.mark.parametrize("style", ["rare_slots", "foreign"])
+def test_style_ngram_judge_is_normalised_and_prefers_held_out_chosen(style):
+    from ldjax.data.world import WorldConfig, build_world
+    from ldjax.judge import StyleNgramJudge
+    world = build_world(WorldConfig(num_entities=60, num_train=40, num_test=200, rejected_style=style,
+                                    num_pretrain_answers=10, num_pretrain_narrative=5, shakespeare_fraction=0.0))
+    judge = StyleNgramJudge(world, samples=400)
+    for style_ in ("chosen", "rejected"):  # every conditional law sums to one over the vocabulary
+        for history in ("<s>", "the", "zzz-unseen"):
+            total = sum(judge.conditional(style_, history, w) for w in judge.vocab)
+            assert total == pytest.approx(1.0, abs=1e-12)
+    prompts = [e.prompt for e in world.test]
+    chosen = judge.scores(prompts, [e.chosen for e in world.test])
+    rejected = judge.scores(prompts, [e.rejected for e in world.test])
+    rate = float(np.mean(chosen > rejected))
+    print(f"{style}: style judge prefers held-out chosen in {rate:.3f} of {len(prompts)}")
+    assert rate >= 0.95
+    # A text outside the grammar still gets a finite, graded score (the exact judge floors it).
+    odd = "here its home stood beside the purple road and each spring went cooking a chime proudly"
+    assert np.isfinite(judge.log_ratio(prompts[0], odd))
+    assert judge.log_ratio(prompts[0], world.test[0].chosen) == pytest.approx(
+        judge.log_likelihood(world.test[0].chosen) - judge.log_likelihood(world.test[0].chosen, "rejected"))

@@ -59,5 +59,10 @@ def test_quick_runs_share_the_pipeline(tmp_path):
         assert {r["kind"] for r in rows} == {"check", "paper"} and all(len(r["seeds"]) == 3 for r in rows)
         assert all(r["passed"] for r in rows if r["kind"] == "check")
         assert (tmp_path / name / fig).stat().st_size > 0
-    phases = json.loads((tmp_path / "ex" / "results.json").read_text())["phases"]
-    assert np.all(np.diff(phases["extend"][0]["steps"]) > 0)
+    results = json.loads((tmp_path / "ex" / "results.json").read_text())
+    assert np.all(np.diff(results["phases"]["extend"][0]["steps"]) > 0)
+    wins = results["win_rate"]
+    assert wins["judge"] == "world" and wins["judge_check"]["rate"] >= 0.95
+    pooled = wins["pooled"]
+    assert pooled["wins"] + pooled["ties"] + pooled["losses"] == 3 * wins["prompts"] * wins["samples"]
+    assert pooled["low"] <= pooled["rate"] <= pooled["high"]
