@@ -63,7 +63,7 @@ DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reus
 CPU_SCALE: dict[str, dict[str, Any]] = {
     "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE,
     "token_squeeze": dict(widths=(64,), contexts=6, halvings=6),
-    "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"),
+    "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"), seeds=(0,),
                            dpo_variants=("untied_d64_L2_short", "tied_d64_L2_short"), prompts=3, positions=4),
     # reference, head_only and from_base are dpo_dynamics' own jobs (cached): only foreign_rejected trains anew
     "regime_search": dict(regimes=("reference", "head_only", "from_base", "foreign_rejected"), seeds=(0,), **DPO_SCALE),
