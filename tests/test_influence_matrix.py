@@ -81,7 +81,7 @@ def test_argmax_path_matches_its_definition(tiny):
 
 def _per_seed(pred, act, rows, terms=None):
     rng = np.random.default_rng(0)
-    r = {"sign_agreement": float(np.mean(np.sign(pred) == np.sign(act))), "eta": 1e-3, "prompts": 4,
+    r = {"sign_agreement": float(np.mean(np.sign(pred) == np.sign(act))), "eta": {t: 1e-3 for t in rows}, "prompts": 4,
          "predicted": pred.tolist(), "actual": act.tolist(),
          "rows": {t: {"predicted_steps": [list(pred[i] / 2)] * 2, "step_relative_gap": [0.01, 0.02]}
                   for i, t in enumerate(rows)}}
