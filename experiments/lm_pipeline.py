@@ -15,7 +15,7 @@ Sources:
 - a tiny model pretrained here (``model=""``), or a local Hugging Face directory
   (``model=DIR``: pretraining is skipped and the directory is the base model).
 
-Two hooks reach into a job without changing :mod:`ldjax.cli` (see :func:`run_stage`):
+Two hooks of :func:`ldjax.cli.run` reach into a job (see :func:`run_stage`):
 ``tracker_hook(tracker, model)`` may set the tracker's ``decompose_fn`` (the per-step
 decomposition of :mod:`ldjax.sequence_dynamics`), and ``optimizer_wrapper(optimizer)`` may wrap
 the job's optax optimizer (e.g. :func:`head_only` training).
@@ -26,7 +26,6 @@ paper's RMSprop recipe, :func:`ldjax.train.config.paper_rmsprop`; for a GPU/TPU)
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import dataclasses
 import hashlib
@@ -34,14 +33,13 @@ import json
 import pathlib
 import shutil
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import optax
 
 from ldjax import cli
 from ldjax.config import to_dict
-from ldjax.train import optim
 from ldjax.train.config import DPOConfig, PretrainConfig, SFTConfig, paper_rmsprop
 
 TrackerHook = Callable[[Any, Any], None]  # (tracker, model) -> None
@@ -128,33 +126,6 @@ def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def _job_hooks(tracker_hook: TrackerHook | None, optimizer_wrapper: OptimizerWrapper | None) -> Iterator[None]:
-    """Temporarily wraps ``ldjax.cli._make_tracker`` and ``ldjax.train.optim.build_optimizer``.
-
-    ldjax's CLI has no parameter for a tracker's ``decompose_fn`` nor for a trainable subset;
-    these two module attributes are the places where a job creates them, so wrapping them (and
-    restoring them afterwards) adds both without touching ldjax.
-    """
-    make_tracker, build_optimizer = cli._make_tracker, optim.build_optimizer
-
-    def hooked_tracker(command, config, out, model, *args, **kwargs):
-        tracker = make_tracker(command, config, out, model, *args, **kwargs)
-        if tracker_hook is not None:
-            tracker_hook(tracker, model)
-        return tracker
-
-    def wrapped_optimizer(config, num_steps=None):
-        opt = build_optimizer(config, num_steps)
-        return optimizer_wrapper(opt) if optimizer_wrapper is not None else opt
-
-    cli._make_tracker, optim.build_optimizer = hooked_tracker, wrapped_optimizer
-    try:
-        yield
-    finally:
-        cli._make_tracker, optim.build_optimizer = make_tracker, build_optimizer
-
-
 def run_stage(command: str, job_config, *, parent: Stage | None = None, tag: str = "",
               tracker_hook: TrackerHook | None = None, optimizer_wrapper: OptimizerWrapper | None = None) -> Stage:
     """Runs ``ldjax <command>`` into ``job_config.out``, or reuses it when its key matches.
@@ -175,8 +146,7 @@ def run_stage(command: str, job_config, *, parent: Stage | None = None, tag: str
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
-    with _job_hooks(tracker_hook, optimizer_wrapper):
-        summary = cli.run(command, job_config)
+    summary = cli.run(command, job_config, tracker_hook=tracker_hook, optimizer_wrapper=optimizer_wrapper)
     seconds = time.perf_counter() - start
     stage_file.write_text(json.dumps({"key": key, "seconds": seconds, **body}, indent=1, default=str))
     return Stage(out.name, out, str(out / "model"), summary, key, False, seconds)

@@ -26,7 +26,7 @@ import json
 import pathlib
 import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -304,12 +304,20 @@ def check_usage(command: str, config) -> None:
 
 # ------------------------------------------------------------------------------- jobs
 
-def run(command: str, config) -> dict[str, Any]:
+def run(command: str, config, *, tracker_hook: Callable[[Any, Any], None] | None = None,
+        optimizer_wrapper: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """Runs one job; returns its final numbers (also in ``<out>/summary.json``).
 
     Everything that can be refused is checked before the run directory is touched: the flags
     (:func:`check_usage`), the data and the model, the token arrays and the batch size, and
     whether an existing checkpoint may be resumed. A failing check leaves ``--out`` as it was.
+
+    Hooks for analyses that the flags do not express (from Python; they never change what is
+    checked): ``tracker_hook(tracker, model)`` is called once on the job's
+    :class:`ldjax.tracking.Tracker` (e.g. to set its ``decompose_fn``), and
+    ``optimizer_wrapper(optax_optimizer) -> optax_optimizer`` wraps the job's optimizer (e.g. a
+    trainable subset via ``optax.multi_transform``). Name them in your own cache keys: they
+    change what is written or trained, not the job's config.
     """
     check_usage(command, config)
     out = pathlib.Path(config.out)
@@ -348,7 +356,8 @@ def run(command: str, config) -> dict[str, Any]:
                 from ldjax.tracking import check_tracking_resumable
                 check_tracking_resumable(out / TRACKING_FILE, texts_of_probes, checkpointer.latest_step())
         (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
-        return _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes)
+        return _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes,
+                        tracker_hook=tracker_hook, optimizer_wrapper=optimizer_wrapper)
     finally:
         checkpointer.close()
 
@@ -406,7 +415,8 @@ def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, p
     return tracker
 
 
-def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes=None) -> dict[str, Any]:
+def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes=None, *,
+             tracker_hook=None, optimizer_wrapper=None) -> dict[str, Any]:
     kw, arrays, test_arrays, loss_fn = data["kw"], data["arrays"], data["test_arrays"], data["loss_fn"]
     from ldjax.data.tokenize import batches
 
@@ -414,6 +424,8 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
     graphdef, params, rest = steps.split_model(model)
     schedule = optim.learning_rate_schedule(config, config.num_steps)
     optimizer = optim.build_optimizer(config, config.num_steps)
+    if optimizer_wrapper is not None:
+        optimizer = optimizer_wrapper(optimizer)
 
     prepare_fn, constants = None, None
     if command == "dpo":
@@ -439,6 +451,8 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
     eval_fn = _make_eval(graphdef, rest, loss_fn, test_arrays, config.batch_size, mesh) if config.eval_every else None
     tracker = (_make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, params)
                if texts_of_probes is not None else None)
+    if tracker is not None and tracker_hook is not None:
+        tracker_hook(tracker, model)
     result = train(step, state, lambda epoch: batches(arrays, config.batch_size, seed=config.seed, epoch=epoch),
                    config, checkpointer=checkpointer, eval_fn=eval_fn, tracker=tracker, desc=f"ldjax {command}")
 

@@ -75,3 +75,30 @@ def test_decomposition_hook_predicts_along_the_update_on_the_first_prompts(setup
     assert record["relative_gap"] < 0.05 and record["correlation"] > 0.99  # a small step: first order
     terms = record["terms"]["chosen"]
     assert terms["chosen/head"][0] + terms["chosen/body"][0] == pytest.approx(record["predicted"]["chosen"], rel=1e-8)
+
+
+@pytest.mark.slow  # one tiny SFT job (~15 s: a compile)
+def test_run_hooks_train_only_the_head_and_reach_the_tracker(tmp_path):
+    """``cli.run``'s hooks: ``optimizer_wrapper=head_only`` leaves every body parameter bitwise
+    unchanged and moves ``lm_head``; ``tracker_hook`` is called once with the job's tracker."""
+    from ldjax import cli
+    from ldjax.models.hf import load_pretrained
+    from ldjax.train.config import SFTConfig
+    small = dict(d_model=16, num_layers=1, num_heads=2, max_length=48, max_prompt_length=20, world_entities=8,
+                 world_train=8, world_test=4, world_pretrain=16, batch_size=4, progress=False, num_devices=1,
+                 arch="gpt_neox")
+    cli.run("sft", SFTConfig(**small, num_steps=1, learning_rate=1e-9, out=str(tmp_path / "start")))
+    seen = []
+    cli.run("sft", SFTConfig(**small, model=str(tmp_path / "start" / "model"), num_steps=3, learning_rate=1e-2,
+                             track_every=1, track_prompts=2, out=str(tmp_path / "head")),
+            tracker_hook=lambda tracker, model: seen.append(type(tracker).__name__),
+            optimizer_wrapper=lm_pipeline.head_only)
+    assert seen == ["Tracker"]
+    before, _ = load_pretrained(tmp_path / "start" / "model", dtype=jnp.float32)
+    after, _ = load_pretrained(tmp_path / "head" / "model", dtype=jnp.float32)
+    moved = {}
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(before, nnx.Param)),
+                                 jax.tree_util.tree_leaves_with_path(nnx.state(after, nnx.Param))):
+        moved[jax.tree_util.keystr(path)] = bool(np.any(np.asarray(a) != np.asarray(b)))
+    assert any(v for k, v in moved.items() if "lm_head" in k)
+    assert not any(v for k, v in moved.items() if "lm_head" not in k), moved
