@@ -187,9 +187,12 @@ def recompute(records: list[dict], reference: dict[str, list] | None, options: d
     out = []
     for r in records:
         if reference is not None:
-            c = np.asarray(r["per_prompt"]["chosen"], np.float64)
-            j = np.asarray(r["per_prompt"]["rejected"], np.float64)
-            rc, rj = np.asarray(reference["ref_chosen"]), np.asarray(reference["ref_rejected"])
+            # float32, the dtype the tracker scored and computed in (JSON keeps those values exactly), so the
+            # recomputation is the same arithmetic rather than a float64 one off by float32 rounding
+            c = np.asarray(r["per_prompt"]["chosen"], np.float32)
+            j = np.asarray(r["per_prompt"]["rejected"], np.float32)
+            rc = np.asarray(reference["ref_chosen"], np.float32)
+            rj = np.asarray(reference["ref_rejected"], np.float32)
             lc, lj = np.asarray(reference["chosen_lengths"]), np.asarray(reference["rejected_lengths"])
             ref = (None, None) if lt == "simpo" else (rc, rj)
             # the tracker logs d = r⁺ − r⁻ against its reference whenever it has one (SimPO's too)
@@ -543,8 +546,19 @@ def explain(row: Claim, per_seed, peaks) -> str:
                 "rather than absorbing the negative's mass; with a tiny model and few steps the two runs can end "
                 "close together.")
     if "sits nearer the model's peak" in row.claim:
-        return head + (" — the sampled y⁻ is not likelier per token than the data's y⁻ under the SFT model, so "
-                       "the premise that on-policy negatives lie on the peak does not hold at this scale.")
+        return head + (" — the sampled y⁻ is *less* likely per token than the data's y⁻ under the SFT model. A "
+                       "temperature-1 sample's expected per-token log-prob is minus the model's entropy: it is drawn "
+                       "from the whole distribution, not from its mode (that is the argmax path y*), and the tiny "
+                       "model's samples are short and stray from the world's grammar in places — yet the judge rates "
+                       "them far more chosen-style than the data's y⁻ (table above: they imitate the SFT data's "
+                       "chosen style), so pushing them down also pushes on chosen-like text. Only a ranked/greedy "
+                       "negative would sit on the peak; with one sample the on-policy y⁻ is off-peak here, and "
+                       "pushing it down moves little of chosen's mass (its probe curves barely move).")
+    if row.claim.startswith("IPO"):
+        head += (" — IPO's coefficient at DPO start is c·L = 2·(1/(2β)) = 1/β (figure 2), about "
+                 "twenty times sigmoid's β/2 per token sum, so at this lr everything falls: chosen by "
+                 f"{-np.mean(v['d_chosen']['per_seed']):.0f} nats, rejected by {-np.mean(v['d_rejected']['per_seed']):.0f}, "
+                 "and on some seeds y* with them (the squeeze is swamped by the overall collapse)")
     return (head + f"; Δchosen {', '.join(f'{x:+.3g}' for x in v['d_chosen']['per_seed'])} (squeezing needs "
             f"Δy* > {TOL} and Δchosen < −{TOL}; {v['seeds_squeezing']} of {len(v['per_seed'])} seeds). A loss whose "
             "coefficient on y⁻ stays small (or vanishes / flips sign once the margin is reached, figure 2) pushes "
