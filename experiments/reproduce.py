@@ -10,6 +10,8 @@ Runs, each into ``OUT/<name>/`` (figures, ``results.json``, ``report.md``, ``cla
   head only: the squeeze per token and which term of the update did it (SPEC §2–3);
 - ``sharpness`` — DPO after a short vs a long SFT: does a sharper start squeeze harder?
 - ``extend`` — the paper's mitigation: SFT on chosen and rejected before DPO, vs the baseline;
+- ``influence_matrix`` — accumulated influence of each training-target probe family on every
+  observed family (SFT and DPO), the decomposition's prediction beside the actual change;
 - ``token_squeeze`` — the squeezing theorem at single tokens inside a language model;
 - ``first_order_lm`` — predicted vs actual per-response change on the LM, the gap vs η;
 - ``kernel_balance`` — head vs body part of the LM eNTK and whether it predicts the squeeze;
@@ -52,8 +54,8 @@ from ldjax.config import parse_config, to_dict
 from ldjax.train.config import ConfigError  # a usage error: `ldjax reproduce` reports it in one line, status 2
 
 CLASSIC = ("squeeze_logreg", "first_order", "mnist_dynamics")
-LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "token_squeeze", "first_order_lm", "kernel_balance",
-       "regime_search")
+LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "influence_matrix", "token_squeeze", "first_order_lm",
+       "kernel_balance", "regime_search")
 EXPERIMENTS = CLASSIC + LLM
 # Experiments that sweep tiny models of their own: with --model they have nothing to run on.
 TINY_ONLY = ("kernel_balance",)
@@ -118,6 +120,9 @@ CAPTIONS: dict[str, str] = {
                                "start. The paper: from the sharper start chosen falls sooner and further and y* rises faster.",
     "extend/extend.png": "SFT then DPO on one axis (dashed: DPO starts), SFT on chosen only (baseline) vs on chosen and "
                          "rejected (extend). The paper: with extend y⁻ starts DPO out of the valley, chosen falls less.",
+    "influence_matrix/influence_matrix.png": "Accumulated influence: rows the family trained on (SFT) or used as y⁻ (DPO), "
+                                             "columns the observed family; the per-step decomposition's summed prediction "
+                                             "beside the actual change. The two panels should agree in sign cell by cell.",
     "token_squeeze/token_bars.png": "One SGD step on one token's loss inside the LM: actual change of π at that context vs the exact-K "
                                     "prediction and the identity-K closed form of the theorem, for the largest classes.",
     "token_squeeze/squeeze_rates.png": "How often each squeezing claim (argmax gains, largest relative gain, threshold rule, risers, "
