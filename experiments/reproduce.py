@@ -10,6 +10,8 @@ Runs, each into ``OUT/<name>/`` (figures, ``results.json``, ``report.md``, ``cla
   head only: the squeeze per token and which term of the update did it (SPEC §2–3);
 - ``sharpness`` — DPO after a short vs a long SFT: does a sharper start squeeze harder?
 - ``extend`` — the paper's mitigation: SFT on chosen and rejected before DPO, vs the baseline;
+- ``on_policy`` — off-policy vs on-policy negatives, and the loss types (sigmoid, IPO, hinge,
+  SimPO; PPO-clip's coefficient) by how much they squeeze and by their residual coefficients;
 - ``influence_matrix`` — accumulated influence of each training-target probe family on every
   observed family (SFT and DPO), the decomposition's prediction beside the actual change;
 - ``token_squeeze`` — the squeezing theorem at single tokens inside a language model;
@@ -54,8 +56,8 @@ from ldjax.config import parse_config, to_dict
 from ldjax.train.config import ConfigError  # a usage error: `ldjax reproduce` reports it in one line, status 2
 
 CLASSIC = ("squeeze_logreg", "first_order", "mnist_dynamics")
-LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "influence_matrix", "token_squeeze", "first_order_lm",
-       "kernel_balance", "regime_search")
+LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "on_policy", "influence_matrix", "token_squeeze",
+       "first_order_lm", "kernel_balance", "regime_search")
 EXPERIMENTS = CLASSIC + LLM
 # Experiments that sweep tiny models of their own: with --model they have nothing to run on.
 TINY_ONLY = ("kernel_balance",)
@@ -63,7 +65,7 @@ TINY_ONLY = ("kernel_balance",)
 # The CPU scale of the main job (≈ 15 min on 2 cores in all); fields a Config lacks are skipped.
 DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reuse dpo_dynamics' DPO job
 CPU_SCALE: dict[str, dict[str, Any]] = {
-    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE,
+    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE, "on_policy": DPO_SCALE,
     "token_squeeze": dict(widths=(64,), contexts=6, halvings=6),
     "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"), seeds=(0,),
                            dpo_variants=("untied_d64_L2_short", "tied_d64_L2_short"), prompts=3, positions=4),
@@ -120,6 +122,11 @@ CAPTIONS: dict[str, str] = {
                                "start. The paper: from the sharper start chosen falls sooner and further and y* rises faster.",
     "extend/extend.png": "SFT then DPO on one axis (dashed: DPO starts), SFT on chosen only (baseline) vs on chosen and "
                          "rejected (extend). The paper: with extend y⁻ starts DPO out of the valley, chosen falls less.",
+    "on_policy/squeeze.png": "DPO with off-policy vs on-policy negatives and with each loss type: change of y*, chosen, "
+                             "rejected and ‖A‖_F over training. The paper: on-policy negatives squeeze far less.",
+    "on_policy/coefficients.png": "Residual coefficients c± of every probe pair at every tracked step against its margin, "
+                                  "with each loss's analytic curve (PPO-clip: c = ρÂ until clipped): why losses squeeze "
+                                  "differently as the margin grows.",
     "influence_matrix/influence_matrix.png": "Accumulated influence: rows the family trained on (SFT) or used as y⁻ (DPO), "
                                              "columns the observed family; the per-step decomposition's summed prediction "
                                              "beside the actual change. The two panels should agree in sign cell by cell.",
