@@ -123,13 +123,9 @@ PAPER = dict(prompts=64, steps=10, targets=("all",), dtype="float64")
 def effective(config: Config) -> Config:
     """The config actually run: quick mode shrinks prompts, steps and rows; the paper preset
     takes more prompts and every family as a row (fields the user set keep their value)."""
-    if config.quick:
-        return dataclasses.replace(config, **QUICK)
-    if config.preset == "paper":
-        defaults = Config()
-        return dataclasses.replace(config, **{k: v for k, v in PAPER.items()
-                                              if getattr(config, k) == getattr(defaults, k)})
-    return config
+    preset = QUICK if config.quick else PAPER if config.preset == "paper" else {}
+    defaults = Config()
+    return dataclasses.replace(config, **{k: v for k, v in preset.items() if getattr(config, k) == getattr(defaults, k)})
 
 
 # ------------------------------------------------------------------------------------ data
