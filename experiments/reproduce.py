@@ -66,6 +66,7 @@ TINY_ONLY = ("kernel_balance",)
 DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reuse dpo_dynamics' DPO job
 CPU_SCALE: dict[str, dict[str, Any]] = {
     "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE, "on_policy": DPO_SCALE,
+    "influence_matrix": dict(prompts=8, steps=4),
     "token_squeeze": dict(widths=(64,), contexts=6, halvings=6),
     "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"), seeds=(0,),
                            dpo_variants=("untied_d64_L2_short", "tied_d64_L2_short"), prompts=3, positions=4),
