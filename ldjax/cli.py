@@ -577,6 +577,11 @@ def _report(command: str | None, exc: BaseException) -> int:
     return status
 
 
+def _plan(argv: list[str]) -> int:
+    from ldjax import memory_plan
+    return int(memory_plan.main(argv) or 0)
+
+
 def _reproduce(argv: list[str]) -> int:
     try:
         from experiments import reproduce
@@ -590,13 +595,15 @@ def _reproduce(argv: list[str]) -> int:
 
 USAGE = f"""usage: ldjax {{{','.join(COMMANDS)}}} [--help] [flags]
        ldjax reproduce [--help] [flags]
+       ldjax plan [--help] [flags]
        (any command also takes {DEBUG_FLAG}: show the full traceback of a failure)
 
 commands:
   pretrain   next-token prediction on the embedded world or the prompts+chosen of --data
   sft        supervised finetuning on (prompt, chosen)
   dpo        a preference loss (--loss-type) against the starting policy
-  reproduce  the paper's experiments and the report (experiments/reproduce.py)"""
+  reproduce  the paper's experiments and the report (experiments/reproduce.py)
+  plan       per-device memory of a model, recipe and mesh, and whether it fits a device (ldjax/memory_plan.py)"""
 
 
 def main(argv: Sequence[str] | None = None, *, report_errors: bool | None = None) -> int:
@@ -621,7 +628,7 @@ def main(argv: Sequence[str] | None = None, *, report_errors: bool | None = None
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + USAGE)
         return 0
-    if not argv or argv[0] not in (*COMMANDS, "reproduce"):
+    if not argv or argv[0] not in (*COMMANDS, "reproduce", "plan"):
         what = f"unknown command {argv[0]!r}" if argv else "no command given"
         print(f"ldjax: error: {what} — use one of {', '.join((*COMMANDS, 'reproduce'))} "
               "(see `ldjax --help`)", file=sys.stderr)
@@ -630,6 +637,8 @@ def main(argv: Sequence[str] | None = None, *, report_errors: bool | None = None
     try:
         if command == "reproduce":
             return _reproduce(argv[1:])
+        if command == "plan":
+            return _plan(argv[1:])
         config = parse_config(COMMANDS[command], argv[1:], prog=f"ldjax {command}")
         summary = run(command, config)
     except (Exception, KeyboardInterrupt) as exc:

@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
 
 
 class ShardingError(ValueError):
@@ -61,3 +62,29 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places every array of ``tree`` on all devices of the mesh."""
     return jax.device_put(tree, replicated(mesh))
+
+
+def fsdp_partition_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
+    """Where one parameter (or its gradient / optimizer moment) lives on the ``"fsdp"`` axis.
+
+    The rule: split the largest axis whose size ``fsdp_size`` divides (the first of equal
+    sizes); replicate when no axis divides, when the array is a scalar, or when
+    ``fsdp_size <= 1``. Shapes only — the same rule serves the train step's shardings and
+    ``ldjax plan``'s byte counts (:mod:`ldjax.memory_plan`).
+
+    Args:
+      shape: the array's shape, e.g. ``(vocab, d_model)``.
+      fsdp_size: devices on the ``"fsdp"`` mesh axis.
+
+    Returns:
+      ``PartitionSpec`` with ``"fsdp"`` at the chosen axis and ``None`` elsewhere, or
+      ``PartitionSpec()`` (replicated).
+    """
+    if fsdp_size <= 1 or len(shape) == 0:
+        return PartitionSpec()
+    candidates = [(size, -axis) for axis, size in enumerate(shape) if size % fsdp_size == 0 and size >= fsdp_size]
+    if not candidates:
+        return PartitionSpec()
+    _, neg_axis = max(candidates)
+    axis = -neg_axis
+    return PartitionSpec(*([None] * axis + [FSDP_AXIS] + [None] * (len(shape) - axis - 1)))
