@@ -1,7 +1,16 @@
-"""Data parallelism over a 1-D ``jax.sharding.Mesh``: batch split on ``"data"``, params replicated.
+"""Data parallelism and FSDP over a ``jax.sharding.Mesh`` with axes ``("data", "fsdp")``.
 
-The same code runs on one CPU, on 8 fake host devices (tests) and on a TPU/GPU: the train step
-is jit-compiled with these shardings and XLA inserts the gradient all-reduce.
+* :func:`data_mesh`: a 1-D ``"data"`` mesh, batch split on ``"data"``, params replicated.
+* :func:`make_mesh`: the 2-D ``("data", "fsdp")`` mesh. The batch is split over ``"data"``
+  only (replicated over ``"fsdp"``); each parameter, its gradient and its optimizer moments
+  are split over ``"fsdp"`` along the axis :func:`fsdp_partition_spec` picks (the largest
+  divisible one), scalars and indivisible shapes replicated. ``fsdp=1`` is plain data
+  parallelism (every spec is ``PartitionSpec()``).
+
+The same code runs on one CPU, on 8 fake host devices (tests), on a TPU/GPU and on several
+processes joined by ``jax.distributed`` (:mod:`ldjax.train.distributed`): the train step is
+jit-compiled with these shardings and XLA's SPMD partitioner inserts the all-gathers of the
+parameters and the reduce-scatter / all-reduce of the gradients.
 """
 from __future__ import annotations
 
@@ -30,6 +39,42 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, num_devices: int = 0)
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def make_mesh(num_devices: int = 0, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The 2-D mesh ``("data", "fsdp")`` of shape ``(n // fsdp, fsdp)``.
+
+    Args:
+      num_devices: how many of ``jax.devices()`` (all processes' devices in a multi-process
+        run) to use, the first ones; 0 = all.
+      fsdp: devices on the ``"fsdp"`` axis; must divide the device count. Devices next to each
+        other (same host first) share an fsdp group, so parameter all-gathers stay local
+        where they can.
+      devices: explicit devices (overrides ``num_devices``).
+
+    Raises:
+      ShardingError: more devices asked for than visible, or ``fsdp`` does not divide them.
+    """
+    if devices is None:
+        devices = jax.devices()
+        if num_devices:
+            if num_devices > len(devices):
+                raise ShardingError(f"num_devices={num_devices} but only {len(devices)} devices are visible")
+            devices = devices[:num_devices]
+    devices = list(devices)
+    if fsdp < 1 or len(devices) % fsdp:
+        raise ShardingError(f"fsdp={fsdp} does not divide the {len(devices)} devices of the mesh")
+    return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+    """Devices along ``axis`` (1 when the mesh has no such axis)."""
+    return int(dict(mesh.shape).get(axis, 1))
+
+
+def data_size(mesh: Mesh) -> int:
+    """Devices the batch is split over (the ``"data"`` axis)."""
+    return axis_size(mesh, DATA_AXIS)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis split over ``"data"``; other axes whole."""
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
@@ -40,28 +85,48 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """``jax.device_put`` in one process; in several (``jax.distributed``) every process holds the
+    same global value and builds its own shards of the global array from it."""
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda a: a, out_shardings=sharding)(x)
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Places each array of ``batch`` (a pytree, leading axis = examples) split over the mesh.
+    """Places each array of ``batch`` (a pytree, leading axis = examples) split over ``"data"``.
+
+    On a ``("data", "fsdp")`` mesh each row block is replicated over the ``"fsdp"`` devices of
+    its data group.
 
     Raises:
-      ShardingError: an array's leading size is not a multiple of the number of devices.
+      ShardingError: an array's leading size is not a multiple of the ``"data"`` axis.
     """
-    n = mesh.devices.size
+    n = data_size(mesh)
+    where = (f"the {n} devices of the mesh" if n == mesh.devices.size
+             else f"the {n} devices of the mesh's data axis ({mesh.devices.size} devices / fsdp {n and mesh.devices.size // n})")
 
     def put(path, x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0 or x.shape[0] % n:
             raise ShardingError(
                 f"batch field {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}; its leading (batch) "
-                f"size must be a multiple of the {n} devices of the mesh")
-        return jax.device_put(x, batch_sharding(mesh))
+                f"size must be a multiple of {where}")
+        return _put(x, batch_sharding(mesh))
 
     return jax.tree_util.tree_map_with_path(put, batch)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Places every array of ``tree`` on all devices of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    if jax.process_count() == 1:
+        return jax.device_put(tree, replicated(mesh))
+    return jax.tree.map(lambda x: _put(x, replicated(mesh)), tree)
 
 
 def fsdp_partition_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
@@ -88,3 +153,55 @@ def fsdp_partition_spec(shape: Sequence[int], fsdp_size: int) -> PartitionSpec:
     _, neg_axis = max(candidates)
     axis = -neg_axis
     return PartitionSpec(*([None] * axis + [FSDP_AXIS] + [None] * (len(shape) - axis - 1)))
+
+
+def param_sharding(shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """The ``NamedSharding`` of one array of ``shape`` under the FSDP rule (:func:`fsdp_partition_spec`)."""
+    return NamedSharding(mesh, fsdp_partition_spec(tuple(shape), axis_size(mesh, FSDP_AXIS)))
+
+
+def param_shardings(tree: Any, mesh: Mesh) -> Any:
+    """:func:`param_sharding` of every array leaf of ``tree`` (params, gradients, moments...).
+
+    The rule reads shapes only, so an optimizer state (whose moments have the parameters'
+    shapes and whose counters are scalars) gets its moments sharded like their parameters and
+    its counters replicated. Leaves may be arrays or ``jax.ShapeDtypeStruct``.
+    """
+    return jax.tree.map(lambda x: param_sharding(np.shape(x), mesh), tree)
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """Shardings of a :class:`ldjax.train.steps.TrainState`: step and RNG key replicated,
+    params and optimizer state by the FSDP rule."""
+    rep = replicated(mesh)
+    return type(state)(step=rep, params=param_shardings(state.params, mesh),
+                       opt_state=param_shardings(state.opt_state, mesh), rng=rep)
+
+
+def shard_train_state(state: Any, mesh: Mesh) -> Any:
+    """Places a ``TrainState`` on ``mesh``: params and optimizer state split over ``"fsdp"`` by
+    :func:`fsdp_partition_spec`, step and RNG key replicated (``fsdp=1``: all replicated, as
+    :func:`replicate`). Works in a multi-process run when every process holds the same state
+    (the same seeded init)."""
+    shardings = state_shardings(state, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(state, shardings)
+    return jax.tree.map(_put, state, shardings)
+
+
+def shard_params(params: Any, mesh: Mesh) -> Any:
+    """Places a parameter tree on ``mesh`` by the FSDP rule (e.g. for the analysis on the mesh)."""
+    shardings = param_shardings(params, mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(params, shardings)
+    return jax.tree.map(_put, params, shardings)
+
+
+def gather(tree: Any) -> Any:
+    """Host numpy copies of every array of ``tree``, also of arrays spread over several
+    processes (then every process must call it: ``multihost_utils.process_allgather``)."""
+    leaves = jax.tree.leaves(tree)
+    if all(not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)

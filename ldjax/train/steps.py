@@ -83,8 +83,14 @@ def make_train_step(
         samples); gets a fresh key per step.
       constants: a pytree handed to ``prepare_fn`` as an argument of the compiled call (not
         baked into it), e.g. frozen reference parameters.
-      mesh: a data mesh (:func:`ldjax.train.sharding.data_mesh`): batch split on ``"data"``,
-        state replicated. ``None``: no sharding constraints.
+      mesh: a data mesh (:func:`ldjax.train.sharding.data_mesh`) or a ``("data", "fsdp")``
+        mesh (:func:`ldjax.train.sharding.make_mesh`): batch split on ``"data"``; params,
+        gradients and optimizer state split over ``"fsdp"`` by
+        :func:`ldjax.train.sharding.fsdp_partition_spec` (replicated when there is no
+        ``"fsdp"`` axis or it has size 1); step, RNG key, ``rest`` and metrics replicated;
+        ``constants`` by the same FSDP rule. The incoming state must be placed so
+        (:func:`ldjax.train.sharding.shard_train_state`); the new state keeps those
+        shardings, so donation reuses its buffers. ``None``: no sharding constraints.
       donate: donate the incoming state's buffers to the new state.
 
     Returns:
@@ -122,6 +128,8 @@ def make_train_step(
         if prepare_fn is not None:
             batch = jax.lax.stop_gradient(prepare_fn(state.params, batch, prepare_key, constants_value))
         loss, metrics, grads = gradients(state.params, rest_value, batch)
+        if mesh is not None:  # the gradient lives where its parameter lives (a reduce-scatter under FSDP)
+            grads = jax.lax.with_sharding_constraint(grads, sharding_lib.param_shardings(grads, mesh))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
@@ -133,11 +141,25 @@ def make_train_step(
         return TrainState(state.step + 1, params, opt_state, rng), metrics
 
     jit_kwargs: dict[str, Any] = dict(donate_argnums=(0,) if donate else ())
-    if mesh is not None:
-        rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
-        jit_kwargs.update(in_shardings=(rep, data, rep, rep), out_shardings=(rep, rep))
-    compiled = jax.jit(step, **jit_kwargs)
-    num_devices = 1 if mesh is None else mesh.devices.size
+    compiled_for: dict[Any, Callable] = {}
+
+    def compiled_step(state: TrainState) -> Callable:
+        # The state's shardings follow from its shapes (the FSDP rule), known at the first call.
+        if mesh is None:
+            key = None
+        else:
+            key = jax.tree.structure(state), tuple(tuple(x.shape) for x in jax.tree.leaves(state))
+        if key not in compiled_for:
+            kwargs = dict(jit_kwargs)
+            if mesh is not None:
+                rep, data = sharding_lib.replicated(mesh), sharding_lib.batch_sharding(mesh)
+                state_sh = sharding_lib.state_shardings(state, mesh)
+                const_sh = sharding_lib.param_shardings(constants, mesh)
+                kwargs.update(in_shardings=(state_sh, data, rep, const_sh), out_shardings=(state_sh, rep))
+            compiled_for[key] = jax.jit(step, **kwargs)
+        return compiled_for[key]
+
+    num_devices = 1 if mesh is None else sharding_lib.data_size(mesh)
 
     def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
@@ -147,9 +169,10 @@ def make_train_step(
         if size % k:
             raise ConfigError(f"batch size {size} is not a multiple of accumulation_steps={k}")
         if mesh is not None and size % num_devices:
-            raise sharding_lib.ShardingError(f"batch size {size} is not a multiple of the {num_devices} devices of the mesh")
+            raise sharding_lib.ShardingError(f"batch size {size} is not a multiple of the {num_devices} devices of the "
+                                             f"mesh's data axis")
         if mesh is not None:
             batch = sharding_lib.shard_batch(batch, mesh)
-        return compiled(state, batch, rest, constants)
+        return compiled_step(state)(state, batch, rest, constants)
 
     return run
