@@ -247,9 +247,16 @@ def check_usage(command: str, config) -> None:
         refuse(f"--num-devices {config.num_devices} but only {visible} devices are visible",
                f"pass --num-devices {visible} or less (0 = all)")
     devices = config.num_devices or visible
-    if config.batch_size % devices:
-        refuse(f"--batch-size {config.batch_size} is not a multiple of the {devices} devices of the data mesh",
-               "choose a --batch-size that --num-devices divides")
+    if config.fsdp < 1 or devices % config.fsdp:
+        refuse(f"--fsdp {config.fsdp} does not divide the {devices} devices of the mesh",
+               f"pass an --fsdp that divides {devices} (1 = plain data parallelism), or change --num-devices")
+    data_devices = devices // config.fsdp
+    if config.batch_size % data_devices:
+        what = (f"the {devices} devices of the data mesh" if config.fsdp == 1 else
+                f"the {data_devices} devices of the mesh's data axis (--num-devices {devices} / --fsdp {config.fsdp})")
+        refuse(f"--batch-size {config.batch_size} is not a multiple of {what}",
+               "choose a --batch-size that --num-devices divides" if config.fsdp == 1 else
+               "choose a --batch-size that the data axis divides, or a larger --fsdp")
     from ldjax.data.preference import PREFERENCE_FORMATS
     if config.data_format not in ("auto",) + PREFERENCE_FORMATS:
         refuse(f"--data-format {config.data_format!r} is not one of {('auto',) + PREFERENCE_FORMATS}",
@@ -319,6 +326,8 @@ def run(command: str, config, *, tracker_hook: Callable[[Any, Any], None] | None
     trainable subset via ``optax.multi_transform``). Name them in your own cache keys: they
     change what is written or trained, not the job's config.
     """
+    from ldjax.train import distributed
+    distributed.maybe_initialize(getattr(config, "distributed", "off"))  # before any computation
     check_usage(command, config)
     out = pathlib.Path(config.out)
     tokenizer = None
@@ -355,7 +364,8 @@ def run(command: str, config, *, tracker_hook: Callable[[Any, Any], None] | None
             if texts_of_probes is not None:
                 from ldjax.tracking import check_tracking_resumable
                 check_tracking_resumable(out / TRACKING_FILE, texts_of_probes, checkpointer.latest_step())
-        (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
+        if distributed.is_primary():  # process 0 writes the run's files; every process checkpoints
+            (out / "config.json").write_text(json.dumps({"command": command, **to_dict(config)}, indent=1))
         return _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes,
                         tracker_hook=tracker_hook, optimizer_wrapper=optimizer_wrapper)
     finally:
@@ -420,7 +430,7 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
     kw, arrays, test_arrays, loss_fn = data["kw"], data["arrays"], data["test_arrays"], data["loss_fn"]
     from ldjax.data.tokenize import batches
 
-    mesh = sharding.data_mesh(num_devices=config.num_devices)
+    mesh = sharding.make_mesh(num_devices=config.num_devices, fsdp=getattr(config, "fsdp", 1))
     graphdef, params, rest = steps.split_model(model)
     schedule = optim.learning_rate_schedule(config, config.num_steps)
     optimizer = optim.build_optimizer(config, config.num_steps)
@@ -446,7 +456,7 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
 
     step = steps.make_train_step(graphdef, loss_fn, optimizer, rest=rest, accumulation_steps=config.accumulation_steps,
                                  learning_rate=schedule, prepare_fn=prepare_fn, constants=constants, mesh=mesh)
-    state = sharding.replicate(steps.init_train_state(params, optimizer, config.seed), mesh)
+    state = sharding.shard_train_state(steps.init_train_state(params, optimizer, config.seed), mesh)
 
     eval_fn = _make_eval(graphdef, rest, loss_fn, test_arrays, config.batch_size, mesh) if config.eval_every else None
     tracker = (_make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, params)
@@ -456,19 +466,23 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
     result = train(step, state, lambda epoch: batches(arrays, config.batch_size, seed=config.seed, epoch=epoch),
                    config, checkpointer=checkpointer, eval_fn=eval_fn, tracker=tracker, desc=f"ldjax {command}")
 
-    nnx.update(model, jax.device_get(result.state.params))
+    nnx.update(model, sharding.gather(result.state.params))  # every process takes part in the gather
     from ldjax.models.hf import save_pretrained
-    save_pretrained(model, tokenizer, out / "model")
+    from ldjax.train.distributed import is_primary
+    if is_primary():
+        save_pretrained(model, tokenizer, out / "model")
     last = [h for h in result.history if "loss" in h]
     summary = {"command": command, "steps": int(result.state.step), "resumed_from": result.resumed_from,
                "final": last[-1] if last else None, "num_train_examples": int(len(next(iter(arrays.values())))),
-               "devices": int(mesh.devices.size), "out": str(out)}
+               "devices": int(mesh.devices.size), "fsdp": sharding.axis_size(mesh, sharding.FSDP_AXIS),
+               "processes": jax.process_count(), "out": str(out)}
     if tracker is not None:
         summary["tracking"] = {"file": str(out / TRACKING_FILE), "families": list(tracker.probe_set.families),
                                "omitted": dict(tracker.probe_set.texts.omitted),
                                "num_prompts": tracker.probe_set.num_prompts,
                                "track_s": tracker.track_seconds, "train_s": result.train_seconds}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if is_primary():
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -551,7 +565,7 @@ def describe_error(exc: BaseException, command: str) -> tuple[int, str] | None:
     if isinstance(exc, TrackingMismatch):
         return 2, f"{message} — use another --out, or the tracking settings of the run in it"
     if isinstance(exc, ShardingError):
-        return 2, f"{message} — set --num-devices to a number of devices that divides --batch-size"
+        return 2, f"{message} — set --num-devices (and --fsdp) so that the data axis divides --batch-size"
     if isinstance(exc, (MissingDataPackageError, MnistFormatError)):
         return 2, message  # names the install step
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("constant", "linear", "cosine")
+DISTRIBUTED_MODES = ("off", "env", "auto")
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,9 @@ class LoopConfig:
     keep_checkpoints: int = field(default=3, metadata={"help": "keep only the last this many checkpoints"})
     resume: bool = field(default=True, metadata={"help": "continue from the latest checkpoint in out/checkpoints if there is one"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar (only when stderr is a terminal)"})
-    num_devices: int = field(default=0, metadata={"help": "devices of the data-parallel mesh (0 = all)"})
+    num_devices: int = field(default=0, metadata={"help": "devices of the mesh (0 = all, of every process in a multi-process run)"})
+    fsdp: int = field(default=1, metadata={"help": "devices of the mesh's 'fsdp' axis: each parameter, its gradient and its optimizer moments are split over them along their largest divisible axis (FSDP / ZeRO-3); the batch is split over the remaining num_devices/fsdp 'data' devices. Must divide the device count; 1 = plain data parallelism"})
+    distributed: str = field(default="off", metadata={"help": "join several processes with jax.distributed before training: off | env (LDJAX_COORDINATOR, LDJAX_NUM_PROCESSES, LDJAX_PROCESS_ID) | auto (JAX's cluster detection: TPU pods, SLURM, Open MPI; also used when LDJAX_COORDINATOR is unset). See ldjax.train.distributed"})
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "batch_size", "log_every", "keep_checkpoints"):
@@ -81,6 +84,12 @@ class LoopConfig:
         for name in ("eval_every", "checkpoint_every", "num_devices"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.fsdp < 1:
+            raise ConfigError(f"fsdp: must be >= 1, got {self.fsdp}")
+        if self.num_devices and self.num_devices % self.fsdp:
+            raise ConfigError(f"fsdp: {self.fsdp} does not divide num_devices={self.num_devices}")
+        if self.distributed not in DISTRIBUTED_MODES:
+            raise ConfigError(f"distributed: {self.distributed!r} is not one of {DISTRIBUTED_MODES}")
         _chain_post_init(self, LoopConfig)
 
 
@@ -173,12 +182,13 @@ def paper_rmsprop(**overrides) -> OptimizerConfig:
 
 
 # What may change when a run is resumed: how long it runs, how often it logs, evaluates, tracks
-# probes and saves, where it writes, and over how many devices (another mesh only reorders the
-# gradient all-reduce: the same trajectory up to float32 rounding, not bitwise). Everything else
+# probes and saves, where it writes, and over how many devices and processes, in which mesh
+# (another mesh, data x fsdp, only reorders the gradient sums: the same trajectory up to float32
+# rounding, not bitwise; checkpoints are restored onto the new mesh). Everything else
 # sets the trajectory (seeds, data, batch, lengths, optimizer, loss, model) and must match.
 # (Tracking another probe set into an existing tracking.jsonl is refused by the tracker itself.)
 RESUMABLE_FIELDS = frozenset({"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                              "resume", "progress", "out", "num_devices",
+                              "resume", "progress", "out", "num_devices", "fsdp", "distributed",
                               "track_every", "track_prompts", "track_batch_size"})
 
 
