@@ -398,6 +398,7 @@ def _prepare_data(command, config, tokenizer, vocab, train_set, test_set, texts)
         test_arrays = tokenize_preference(test_set, tokenizer, **kw)
         loss_fn = objectives.preference_objective(config.loss_type, beta=config.beta,
                                                   label_smoothing=config.label_smoothing,
+                                                  negative_weight_power=config.negative_weight_power,
                                                   **({"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {}))
     rows = int(len(next(iter(arrays.values()))))
     if rows < config.batch_size:

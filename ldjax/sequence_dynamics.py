@@ -75,7 +75,8 @@ import optax
 
 from ldjax.dynamics import DynamicsInputError, softmax_jacobian
 from ldjax.losses.preference import LOSS_TYPES, preference_loss, residual_coefficients
-from ldjax.losses.sequence import response_lengths, sequence_logps, sequence_residual, sft_loss, token_logps
+from ldjax.losses.sequence import (probability_weights, response_lengths, reweighted_sequence_logps, sequence_logps,
+                                   sequence_residual, sft_loss, token_logps)
 
 __all__ = [
     "SequenceDynamicsError",
@@ -155,6 +156,9 @@ class PreferenceObjective:
       batch_reduction: ``"mean"`` over pairs (the training engine's) or ``"sum"``.
       loss_kwargs: extra options (``gamma``, ``discopop_tau``, ``bco_delta``) as a mapping; kept
         as sorted ``(name, value)`` pairs so that the objective is hashable (a static jit argument).
+      negative_weight_power: ``α``; > 0 is the engine's probability-weighted negative gradient
+        (:func:`ldjax.train.objectives.preference_objective`): the rejected coefficient becomes
+        per token, ``c⁻_t = c⁻ π(y⁻_t)^α`` (B, T), so ``G⁻_t = c⁻_t (π − e_y)``.
     """
 
     loss_type: str = "sigmoid"
@@ -162,6 +166,7 @@ class PreferenceObjective:
     label_smoothing: float = 0.0
     batch_reduction: str = "mean"
     loss_kwargs: Any = ()
+    negative_weight_power: float = 0.0
 
     def __post_init__(self):
         if self.loss_type not in LOSS_TYPES:
@@ -171,6 +176,9 @@ class PreferenceObjective:
                 f"PreferenceObjective.batch_reduction must be one of {BATCH_REDUCTIONS}, got {self.batch_reduction!r}")
         kwargs = dict(self.loss_kwargs)
         object.__setattr__(self, "loss_kwargs", tuple(sorted(kwargs.items())))
+        if self.negative_weight_power < 0:
+            raise SequenceDynamicsError(
+                f"PreferenceObjective.negative_weight_power must be >= 0, got {self.negative_weight_power}")
 
     @property
     def reference_free(self) -> bool:
@@ -413,8 +421,12 @@ def _loss_from_logits(objective: Objective, logits: tuple[jax.Array, ...], sides
         per_example = sft_loss(logits[0], inputs["input_ids"], mask, reduction=objective.reduction)
     else:
         (in_c, mask_c), (in_r, mask_r) = sides
+        rejected = sequence_logps(logits[1], in_r["input_ids"], mask_r)
+        if objective.negative_weight_power:
+            weights = probability_weights(logits[1], in_r["input_ids"], mask_r, objective.negative_weight_power)
+            rejected = reweighted_sequence_logps(logits[1], in_r["input_ids"], mask_r, weights)
         per_example = preference_loss(
-            sequence_logps(logits[0], in_c["input_ids"], mask_c), sequence_logps(logits[1], in_r["input_ids"], mask_r),
+            sequence_logps(logits[0], in_c["input_ids"], mask_c), rejected,
             refs[0], refs[1], loss_type=objective.loss_type, beta=objective.beta,
             label_smoothing=objective.label_smoothing, chosen_lengths=response_lengths(mask_c),
             rejected_lengths=response_lengths(mask_r), **dict(objective.loss_kwargs))[0]
@@ -438,6 +450,9 @@ def _coefficients_from_logits(objective: Objective, logits: tuple[jax.Array, ...
         label_smoothing=objective.label_smoothing, chosen_lengths=response_lengths(mask_c),
         rejected_lengths=response_lengths(mask_r), **dict(objective.loss_kwargs))
     scale = _batch_scale(objective, mask_c.shape[0])
+    if objective.negative_weight_power:
+        weights = probability_weights(logits[1], in_r["input_ids"], mask_r, objective.negative_weight_power)
+        return scale * c_plus, scale * c_minus[:, None] * weights.astype(c_minus.dtype)
     return scale * c_plus, scale * c_minus
 
 

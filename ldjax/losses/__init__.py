@@ -13,7 +13,9 @@ from ldjax.losses.preference import (
     residual_coefficients,
 )
 from ldjax.losses.sequence import (
+    probability_weights,
     response_lengths,
+    reweighted_sequence_logps,
     sequence_logps,
     sequence_residual,
     sft_loss,
@@ -27,8 +29,10 @@ __all__ = [
     "clipped_surrogate_coefficients",
     "preference_coefficients",
     "preference_loss",
+    "probability_weights",
     "residual_coefficients",
     "response_lengths",
+    "reweighted_sequence_logps",
     "sequence_logps",
     "sequence_residual",
     "sft_loss",

@@ -23,6 +23,8 @@ __all__ = [
     "response_lengths",
     "sft_loss",
     "sequence_residual",
+    "probability_weights",
+    "reweighted_sequence_logps",
 ]
 
 
@@ -91,6 +93,52 @@ def token_logps(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -
     # where() rather than a product keeps a -inf log-prob on an unscored token from
     # turning into nan.
     return jnp.where(_scored(loss_mask, bool), padded, jnp.zeros((), dtype))
+
+
+def probability_weights(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, power: float) -> jax.Array:
+    """Per-token weights ``w_t = π(y_t | x, y_<t)^power`` (held constant: no gradient), zero where not scored.
+
+    The weights of ldjax's probability-weighted negative gradient (``negative_weight_power`` of
+    :func:`ldjax.train.objectives.preference_objective`): a rejected token the model already
+    puts in the valley (``π(y_t) ≈ 0``) gets almost no push-down — by the squeezing lemma
+    (SPEC §1.4) exactly the pushes that hand their mass to the argmax.
+
+    Args:
+      logits, input_ids, loss_mask: as :func:`token_logps`.
+      power: ``α ≥ 0``; 0 gives weight 1 on every scored token.
+
+    Returns:
+      (B, T) in the compute dtype of :func:`token_logps`.
+    """
+    logps = jax.lax.stop_gradient(token_logps(logits, input_ids, loss_mask))
+    scored = _scored(loss_mask, bool)
+    return jnp.where(scored, jnp.exp(power * logps), jnp.zeros((), logps.dtype))
+
+
+def reweighted_sequence_logps(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                              weights: jax.Array, *, average: bool = False) -> jax.Array:
+    """``log π(y|x)`` in value, with the gradient of ``Σ_t w_t log π(y_t | ...)``.
+
+    The forward value equals :func:`sequence_logps` (so a loss built on it keeps its value,
+    its reference log-probs and its margin), while ``∂/∂θ = Σ_t w_t ∂ log π(y_t)/∂θ``: the
+    token-level residual of token ``t`` is scaled by ``w_t``.
+
+    Args:
+      logits, input_ids, loss_mask: as :func:`token_logps`.
+      weights: (B, T) per-token weights (treated as constants).
+      average: divide by the number of scored tokens (SimPO).
+
+    Returns:
+      (B,) as :func:`sequence_logps`.
+    """
+    per_token = token_logps(logits, input_ids, loss_mask)
+    w = jax.lax.stop_gradient(jnp.asarray(weights).astype(per_token.dtype))
+    if w.shape != per_token.shape:
+        raise LossInputError(f"weights must have shape (B, T) = {per_token.shape}, got {w.shape}")
+    total = jnp.sum(w * per_token + jax.lax.stop_gradient((1 - w) * per_token), axis=-1)
+    if average:
+        return total / jnp.maximum(response_lengths(loss_mask).astype(total.dtype), 1)
+    return total
 
 
 def response_lengths(loss_mask: jax.Array) -> jax.Array:

@@ -158,6 +158,7 @@ class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataCo
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing eps: sigmoid (cDPO), robust, exo_pair, aot, aot_pair, aot_unpaired and simpo use it; the other loss types ignore it"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma"})
+    negative_weight_power: float = field(default=0.0, metadata={"help": "ldjax's probability-weighted negative gradient: alpha > 0 scales the push-down of each rejected token by pi(y-_t)^alpha (loss value unchanged), sparing tokens already in the valley; 0 = off (plain loss)"})
     on_policy: str = field(default="off", metadata={"help": "off (both responses from the data) | rejected (y+ from the data, y- sampled from the current policy: on-policy DPO / SPIN) | both (y+ and y- both sampled from the current policy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for on-policy responses"})
     top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0 = all)"})
@@ -169,6 +170,8 @@ class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataCo
             raise ConfigError(f"on_policy: {self.on_policy!r} is not one of ('off', 'rejected', 'both')")
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if self.negative_weight_power < 0:
+            raise ConfigError(f"negative_weight_power: must be >= 0, got {self.negative_weight_power}")
 
 
 def paper_rmsprop(**overrides) -> OptimizerConfig:
