@@ -104,12 +104,16 @@ def train(
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
+    # In a multi-process run (ldjax.train.distributed) every process runs this loop and saves its
+    # checkpoint shards; only process 0 writes the metrics log.
+    primary = jax.process_index() == 0
     epoch, batch_index, resumed_from = 0, 0, None
     if checkpointer is not None and config.resume and checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore(state)
         epoch, batch_index, resumed_from = meta["epoch"], meta["batch_index"], meta["step"]
-        _truncate_metrics(metrics_path, resumed_from)
-    elif metrics_path.exists():
+        if primary:
+            _truncate_metrics(metrics_path, resumed_from)
+    elif primary and metrics_path.exists():
         metrics_path.unlink()  # a fresh run must not append to an old run's log
     if tracker is not None:
         tracker.begin(resumed_from)
@@ -122,8 +126,9 @@ def train(
 
     def log(record: dict[str, Any]) -> None:
         history.append(record)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if primary:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def run_eval() -> None:
         if eval_fn is not None:
