@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
-from experiments.lm_pipeline import (Pipeline, PipelineConfig, Stage, decomposition_hook, enable_compile_cache, head_only,
+from experiments.lm_pipeline import (DPOExperimentConfig, open_experiment, Pipeline, Stage, decomposition_hook, head_only,
                                      plot_curves, read_curves, rise_then_fall, rising_fraction)
-from experiments.sft_dynamics import first_order_check, pipeline_config, sft_stage
+from experiments.sft_dynamics import first_order_check, sft_stage
 from ldjax.config import parse_config, to_dict
 from ldjax.sequence_dynamics import PreferenceObjective
 
@@ -54,34 +54,15 @@ TRAINABLE = ("full", "head")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(DPOExperimentConfig):
     """Off-policy DPO probe dynamics from the SFT and the base model, full-parameter vs head-only."""
 
     out: str = dataclasses.field(default="results/dpo_dynamics", metadata={"help": "output directory"})
-    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "pipeline cache (shared with sft_dynamics)"})
-    seeds: tuple[int, ...] = dataclasses.field(default=(0, 1, 2), metadata={"help": "model seeds"})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "seconds-long run (tests)"})
-    preset: str = dataclasses.field(default="cpu", metadata={"help": "cpu | paper (Pythia-410M + HH, RMSprop 5e-7; needs --model and --data)"})
-    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
-    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining)"})
-    sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's SFT steps (0 = keep)"})
-    dpo_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's DPO steps (0 = keep)"})
-    dpo_optimizer: str = dataclasses.field(default="sgd", metadata={"help": "DPO optimizer on the cpu preset (sgd: the decomposition's term split is exact); the paper preset uses its RMSprop"})
-    dpo_lr: float = dataclasses.field(default=0.0, metadata={"help": "DPO learning rate (0 = 2e-3 for sgd, 1e-5 otherwise; paper: 5e-7)"})
     starts: tuple[str, ...] = dataclasses.field(default=STARTS, metadata={"help": "DPO starting points: sft, base"})
     trainable: tuple[str, ...] = dataclasses.field(default=TRAINABLE, metadata={"help": "full and/or head (lm_head only)"})
-    sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics' decompose_every (to reuse its SFT stage)"})
-    decompose_every: int = dataclasses.field(default=3, metadata={"help": "decompose every k-th tracked DPO step"})
-    compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
-        if not self.seeds:
-            raise ValueError("Config.seeds: at least one seed")
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
-        if self.preset == "paper" and not (self.model and self.data):
-            raise ValueError("preset 'paper' needs --model (a local Pythia-410M directory) and --data (Anthropic-HH JSONL)")
+        super().__post_init__()
         if not self.starts or set(self.starts) - set(STARTS) or not self.trainable or set(self.trainable) - set(TRAINABLE):
             raise ValueError(f"Config.starts ⊆ {STARTS} and Config.trainable ⊆ {TRAINABLE}, both non-empty")
 
@@ -107,8 +88,9 @@ def dpo_stage(pipeline: Pipeline, seed: int, origin: Stage, start: str, trainabl
     from the cache (the name, tag and config make its key); a job with other settings needs its
     own ``variant`` name, or it would replace the cached one.
     """
-    hook = decomposition_hook(PreferenceObjective(loss_type="sigmoid", beta=pipeline.config.beta),
-                              every=decompose_every, families=DECOMPOSE_FAMILIES)
+    objective = PreferenceObjective(loss_type=overrides.get("loss_type", "sigmoid"), beta=pipeline.config.beta,
+                                    negative_weight_power=overrides.get("negative_weight_power", 0.0))
+    hook = decomposition_hook(objective, every=decompose_every, families=DECOMPOSE_FAMILIES)
     name = f"dpo_{start}_{trainable}" + (f"_{variant}" if variant else "")
     return pipeline.dpo(seed, origin, name=name, tag=f"decompose:every={decompose_every};{trainable}",
                         tracker_hook=hook, optimizer_wrapper=head_only if trainable == "head" else None, **overrides)
@@ -269,14 +251,7 @@ def plot_terms(terms_by_variant: dict[str, dict], path: pathlib.Path) -> None:
 def main(config: Config) -> dict[str, Any]:
     """Runs every (seed, start, trainable) DPO job and writes figures, results.json, claims.json, report.md."""
     start_time = time.perf_counter()
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.compile_cache != "off":
-        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
-    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
-                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps,
-                           dpo_steps=config.dpo_steps)
-    pipeline = Pipeline(pcfg)
+    out, pcfg, pipeline = open_experiment(config)
     seeds = list(config.seeds)
     overrides = dpo_overrides(config)
     variants = [(s, t) for s in config.starts for t in config.trainable]

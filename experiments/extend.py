@@ -28,8 +28,8 @@ import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
 from experiments.dpo_dynamics import dpo_overrides, dpo_stage
-from experiments.lm_pipeline import Pipeline, enable_compile_cache, read_curves
-from experiments.sft_dynamics import first_order_check, pipeline_config, sft_stage
+from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, read_curves
+from experiments.sft_dynamics import first_order_check, sft_stage
 from experiments.sharpness import outcome
 from ldjax.config import parse_config, to_dict
 
@@ -40,36 +40,15 @@ FAMILIES = ("chosen", "rejected", "argmax_chosen")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(DPOExperimentConfig):
     """SFT on chosen only vs on chosen and rejected ("extend"), then the same DPO."""
 
     out: str = dataclasses.field(default="results/extend", metadata={"help": "output directory"})
-    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "pipeline cache (shared with sft_dynamics and dpo_dynamics)"})
-    seeds: tuple[int, ...] = dataclasses.field(default=(0, 1, 2), metadata={"help": "model seeds"})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "seconds-long run (tests)"})
-    preset: str = dataclasses.field(default="cpu", metadata={"help": "cpu | paper (needs --model and --data)"})
-    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
-    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining)"})
-    sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's SFT steps (0 = keep; both SFTs take this many)"})
-    dpo_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's DPO steps (0 = keep)"})
-    dpo_optimizer: str = dataclasses.field(default="sgd", metadata={"help": "DPO optimizer on the cpu preset (as dpo_dynamics)"})
-    dpo_lr: float = dataclasses.field(default=0.0, metadata={"help": "DPO learning rate (0 = dpo_dynamics' default)"})
-    sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics (to reuse its SFT stage)"})
-    decompose_every: int = dataclasses.field(default=3, metadata={"help": "as dpo_dynamics (to reuse its DPO stage)"})
     samples: int = dataclasses.field(default=3, metadata={"help": "generations per held-out prompt and model for the win rate (0 = no win rate)"})
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": "longest generation (world answers are <= 30 words + EOS)"})
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "sampling temperature of the generations"})
     judge: str = dataclasses.field(default="", metadata={"help": "with --data: a local Hugging Face causal LM directory as the judge (ldjax.judge.LMJudge); the embedded world uses its own generators (WorldJudge)"})
-    compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
-    def __post_init__(self):
-        if not self.seeds:
-            raise ValueError("Config.seeds: at least one seed")
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
-        if self.preset == "paper" and not (self.model and self.data):
-            raise ValueError("preset 'paper' needs --model and --data")
 
 
 def claims(per_seed: dict[str, list[dict[str, float]]], seeds: list[int]) -> list[Claim]:
@@ -120,13 +99,29 @@ def judge_check(judge, test) -> dict[str, Any]:
     return {"rate": hits / len(test), "n": len(test), "low": low, "high": high}
 
 
-def generations(model_dir: str, prompts: list[str], config: Config, seed: int) -> list[list[str]]:
-    """``config.samples`` sampled responses per prompt (sample k uses seed ``1000·seed + k``)."""
+def generations(model_dir: str, prompts: list[str], config, seed: int) -> list[list[str]]:
+    """``config.samples`` sampled responses per prompt (sample k uses seed ``1000·seed + k``).
+
+    Kept in ``generations.json`` beside the model (keyed by the prompts and sampling settings),
+    so experiments judging the same final model (extend, mitigation) sample it once; a rebuilt
+    stage removes its directory, and the file with it.
+    """
+    import hashlib
     from ldjax.generation import generate
     from ldjax.models.hf import load_pretrained
+    settings = {"prompts": prompts, "samples": config.samples, "max_new_tokens": config.max_new_tokens,
+                "temperature": config.temperature, "seed": seed}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cache = pathlib.Path(model_dir).parent / "generations.json"
+    stored = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in stored:
+        return stored[key]
     model, tokenizer = load_pretrained(model_dir)
-    return [generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                     seed=1000 * seed + k) for k in range(config.samples)]
+    texts = [generate(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                      seed=1000 * seed + k) for k in range(config.samples)]
+    stored[key] = texts
+    cache.write_text(json.dumps(stored))
+    return texts
 
 
 def two_phases(sft_curves: dict[str, Any], dpo_curves: dict[str, Any]) -> dict[str, Any]:
@@ -138,19 +133,21 @@ def two_phases(sft_curves: dict[str, Any], dpo_curves: dict[str, Any]) -> dict[s
 
 
 def plot(phases: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
+    """One panel per family: each run's SFT → DPO curve (``phases[run]``: one per seed) on one
+    axis, mean over seeds with a min–max band; dashed: DPO starts."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(FAMILIES), figsize=(11.5, 3.3))
     for ax, family in zip(axes, FAMILIES):
-        for i, run in enumerate(RUNS):
+        for i, run in enumerate(phases):
             ys = [np.asarray(p[family], float) for p in phases[run]]
             n = min(len(y) for y in ys)
             ys = np.stack([y[:n] for y in ys])
             steps = np.asarray(phases[run][0]["steps"][:n])
             ax.plot(steps, ys.mean(0), color=f"C{i}", label=run)
             ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
-        ax.axvline(phases[RUNS[0]][0]["boundary"], color="grey", ls="--", lw=0.8)
+        ax.axvline(next(iter(phases.values()))[0]["boundary"], color="grey", ls="--", lw=0.8)
         ax.set_title(f"log π({family}) — SFT | DPO", fontsize=9)
         ax.set_xlabel("step (SFT, then DPO)", fontsize=8)
     axes[0].legend(fontsize=8)
@@ -162,14 +159,7 @@ def plot(phases: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
 def main(config: Config) -> dict[str, Any]:
     """Baseline and extend SFT → DPO per seed; writes extend.png, results.json, claims.json, report.md."""
     t0 = time.perf_counter()
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.compile_cache != "off":
-        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
-    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
-                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps,
-                           dpo_steps=config.dpo_steps)
-    pipeline = Pipeline(pcfg)
+    out, pcfg, pipeline = open_experiment(config)
     overrides = dpo_overrides(config)
     seeds = list(config.seeds)
     per_seed: dict[str, list] = {r: [] for r in RUNS}

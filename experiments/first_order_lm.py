@@ -64,8 +64,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from experiments.claims import Claim, claims_table, effect, write_claims  # noqa: E402
-from experiments.lm_pipeline import Pipeline, PipelineConfig, Stage, enable_compile_cache  # noqa: E402
-from experiments.sft_dynamics import pipeline_config, sft_stage  # noqa: E402
+from experiments.lm_pipeline import ExperimentConfig, open_experiment, Pipeline, PipelineConfig, Stage  # noqa: E402
+from experiments.sft_dynamics import sft_stage  # noqa: E402
 from ldjax import sequence_dynamics as sd  # noqa: E402
 from ldjax.config import parse_config, to_dict  # noqa: E402
 
@@ -78,18 +78,10 @@ ARGMAX = "argmax_chosen"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """First-order gap vs η on a language model: SFT and DPO updates, SGD and the adaptive optimizer."""
 
     out: str = dataclasses.field(default="results/first_order_lm", metadata={"help": "output directory"})
-    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "pipeline cache (shared with sft_dynamics)"})
-    seeds: tuple[int, ...] = dataclasses.field(default=(0, 1, 2), metadata={"help": "model seeds"})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "seconds-long run (tests)"})
-    preset: str = dataclasses.field(default="cpu", metadata={"help": "cpu | paper (Pythia-410M + HH; needs --model and --data)"})
-    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
-    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining)"})
-    sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's SFT steps (0 = keep)"})
     sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics' decompose_every (to reuse its SFT stage)"})
     optimizer: str = dataclasses.field(default="", metadata={"help": "adaptive optimizer next to SGD: adam | adamw | rmsprop (empty: the pipeline's; adam on cpu, rmsprop on paper)"})
     num_update: int = dataclasses.field(default=4, metadata={"help": "update prompts (pairs) per step; 0 = preset default"})
@@ -99,15 +91,9 @@ class Config:
     check_ratios: int = dataclasses.field(default=3, metadata={"help": "the check uses the ratios of this many smallest halvings"})
     scatter_index: int = dataclasses.field(default=2, metadata={"help": "η grid index of the scatter figure (η_max / 2^k)"})
     dtype: str = dataclasses.field(default="float64", metadata={"help": "float64 (CPU/GPU) or float32 (TPU; highest matmul precision)"})
-    compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
-        if not self.seeds:
-            raise ValueError("Config.seeds: at least one seed")
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
-        if self.preset == "paper" and not (self.model and self.data):
-            raise ValueError("preset 'paper' needs --model (a local Pythia-410M directory) and --data (Anthropic-HH JSONL)")
+        super().__post_init__()
         if self.optimizer and self.optimizer not in ADAPTIVE:
             raise ValueError(f"Config.optimizer must be one of {ADAPTIVE} (or empty), got {self.optimizer!r}")
         if self.num_lrs < 3 or not 1 <= self.check_ratios < self.num_lrs or not 0 <= self.scatter_index < self.num_lrs:
@@ -428,15 +414,10 @@ def main(config: Config) -> dict[str, Any]:
     """Builds (or reuses) the pipeline's SFT model per seed, sweeps η and writes every output."""
     start = time.perf_counter()
     config = effective(config)
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.compile_cache != "off":
-        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
-    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
-                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps)
+    out, pcfg, pipeline = open_experiment(config)
     if config.quick:  # no probe tracking during the quick SFT (seconds matter in tests)
         pcfg = dataclasses.replace(pcfg, track_every=0)
-    pipeline = Pipeline(pcfg)
+        pipeline = Pipeline(pcfg)
     adaptive = adaptive_name(config, pcfg)
     seeds = list(config.seeds)
     per_seed, stages = {}, {}

@@ -61,8 +61,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.claims import Claim, claims_table, effect, write_claims  # noqa: E402
-from experiments.lm_pipeline import Pipeline, PipelineConfig, Stage, enable_compile_cache  # noqa: E402
-from experiments.sft_dynamics import pipeline_config, sft_stage  # noqa: E402
+from experiments.lm_pipeline import ExperimentConfig, open_experiment, Pipeline, PipelineConfig, Stage  # noqa: E402
+from experiments.sft_dynamics import sft_stage  # noqa: E402
 from ldjax import sequence_dynamics as sd  # noqa: E402
 from ldjax.config import parse_config, to_dict  # noqa: E402
 
@@ -76,18 +76,10 @@ STARTS = ("base", "sft")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """Influence matrices (training-target family × observed family) of SFT and DPO, predicted vs actual."""
 
     out: str = dataclasses.field(default="results/influence_matrix", metadata={"help": "output directory"})
-    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "pipeline cache (shared with sft_dynamics)"})
-    seeds: tuple[int, ...] = dataclasses.field(default=(0, 1, 2), metadata={"help": "model seeds"})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "seconds-long run (tests)"})
-    preset: str = dataclasses.field(default="cpu", metadata={"help": "cpu | paper (Pythia-410M + HH; needs --model and --data)"})
-    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
-    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining)"})
-    sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's SFT steps (0 = keep)"})
     sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics' decompose_every (to reuse its SFT stage)"})
     targets: tuple[str, ...] = dataclasses.field(default=DEFAULT_TARGETS, metadata={"help": "training-target families (rows); 'all' = every family; missing ones are left out"})
     sft_start: str = dataclasses.field(default="base", metadata={"help": "model the SFT rows start from: base | sft"})
@@ -97,15 +89,9 @@ class Config:
     target_change: float = dataclasses.field(default=0.5, metadata={"help": "per row, η gives this largest first-step predicted |Δ log π| (nats)"})
     chunk_size: int = dataclasses.field(default=64, metadata={"help": "observed sequences per JVP"})
     dtype: str = dataclasses.field(default="float64", metadata={"help": "float64 (CPU/GPU) or float32 (TPU; highest matmul precision)"})
-    compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
-        if not self.seeds:
-            raise ValueError("Config.seeds: at least one seed")
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
-        if self.preset == "paper" and not (self.model and self.data):
-            raise ValueError("preset 'paper' needs --model (a local Pythia-410M directory) and --data (Anthropic-HH JSONL)")
+        super().__post_init__()
         if self.sft_start not in STARTS or self.dpo_start not in STARTS:
             raise ValueError(f"Config.sft_start / dpo_start must be one of {STARTS}")
         if self.prompts < 1 or self.steps < 1 or self.chunk_size < 1 or self.target_change <= 0:
@@ -568,15 +554,10 @@ def main(config: Config) -> dict[str, Any]:
     """Builds (or reuses) the pipeline's base and SFT models per seed, fills both matrices, writes every output."""
     start = time.perf_counter()
     config = effective(config)
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.compile_cache != "off":
-        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
-    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
-                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps)
+    out, pcfg, pipeline = open_experiment(config)
     if config.quick:  # no probe tracking during the quick SFT (seconds matter in tests)
         pcfg = dataclasses.replace(pcfg, track_every=0)
-    pipeline = Pipeline(pcfg)
+        pipeline = Pipeline(pcfg)
     seeds = list(config.seeds)
     per_seed: dict[int, dict] = {}
     stages: dict[int, dict] = {}

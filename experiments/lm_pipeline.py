@@ -201,6 +201,77 @@ class Pipeline:
                          optimizer_wrapper=optimizer_wrapper)
 
 
+# ------------------------------------------------------------------------- experiment configs
+
+def pipeline_config(run_dir: str, *, quick: bool, preset: str, data: str, data_format: str, model: str,
+                    **overrides: Any) -> PipelineConfig:
+    """The pipeline config of an experiment's flags (``overrides``: PipelineConfig fields; 0 / empty = keep)."""
+    common = dict(run_dir=run_dir, data=data, data_format=data_format, model=model)
+    overrides = {k: v for k, v in overrides.items() if v}
+    if preset == "paper":
+        return PipelineConfig.paper_preset(model, data, run_dir=run_dir, **overrides)
+    if quick:
+        return PipelineConfig.quick_preset(**common, **overrides)
+    return PipelineConfig(**common, **overrides)
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """The flags every LM experiment shares: output, seeds, the pipeline's preset and sources.
+
+    An experiment's ``Config`` subclasses this (or :class:`DPOExperimentConfig`), redefines
+    ``out``'s default and adds its own fields; :func:`open_experiment` turns it into a pipeline.
+    """
+
+    out: str = _field("results/experiment", "output directory")
+    run_dir: str = _field("runs/lm_pipeline", "pipeline cache, shared by the LM experiments (base, SFT and DPO stages)")
+    seeds: tuple[int, ...] = _field((0, 1, 2), "model seeds (init, data order)")
+    quick: bool = _field(False, "seconds-long smoke run (tests); its numbers are not results")
+    preset: str = _field("cpu", "cpu | paper (Pythia-410M + HH, RMSprop 5e-7, batch 4; needs --model and --data)")
+    data: str = _field("", "preference JSONL (hh / ultrafeedback / plain); empty = the embedded world")
+    data_format: str = _field("auto", "format of --data: auto, hh, ultrafeedback, plain")
+    model: str = _field("", "local Hugging Face model directory as the base model (skips pretraining)")
+    sft_steps: int = _field(0, "override the preset's SFT steps (0 = keep)")
+    compile_cache: str = _field("", "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)")
+
+    def __post_init__(self):
+        if not self.seeds:
+            raise ValueError("Config.seeds: at least one seed")
+        if self.preset not in ("cpu", "paper"):
+            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
+        if self.preset == "paper" and not (self.model and self.data):
+            raise ValueError("preset 'paper' needs --model (a local Pythia-410M directory) and --data (Anthropic-HH JSONL)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOExperimentConfig(ExperimentConfig):
+    """:class:`ExperimentConfig` plus the DPO stage's flags (shared, so that experiments reuse
+    dpo_dynamics' cached DPO jobs: :func:`experiments.dpo_dynamics.dpo_stage`)."""
+
+    dpo_steps: int = _field(0, "override the preset's DPO steps (0 = keep)")
+    dpo_optimizer: str = _field("sgd", "DPO optimizer on the cpu preset (sgd | adam ...; the paper preset uses its RMSprop)")
+    dpo_lr: float = _field(0.0, "DPO learning rate (0 = dpo_dynamics' default: 2e-3 for SGD, 1e-5 otherwise)")
+    sft_decompose_every: int = _field(4, "decompose every k-th tracked SFT step (as sft_dynamics, to reuse its SFT stage)")
+    decompose_every: int = _field(3, "decompose every k-th tracked DPO step (as dpo_dynamics, to reuse its DPO stage)")
+
+
+def open_experiment(config: ExperimentConfig) -> tuple[pathlib.Path, PipelineConfig, Pipeline]:
+    """``(out, pipeline config, pipeline)`` of an experiment: makes ``out``, turns on the shared
+    compilation cache and builds the pipeline of the config's preset and sources."""
+    out = pathlib.Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.compile_cache != "off":
+        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
+    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
+                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps,
+                           dpo_steps=getattr(config, "dpo_steps", 0))
+    return out, pcfg, Pipeline(pcfg)
+
+
 # ------------------------------------------------------------------------- trainable subsets
 
 def param_labels(params, trainable: Callable[[str], bool]):

@@ -10,6 +10,8 @@ Runs, each into ``OUT/<name>/`` (figures, ``results.json``, ``report.md``, ``cla
   head only: the squeeze per token and which term of the update did it (SPEC §2–3);
 - ``sharpness`` — DPO after a short vs a long SFT: does a sharper start squeeze harder?
 - ``extend`` — the paper's mitigation: SFT on chosen and rejected before DPO, vs the baseline;
+- ``mitigation`` — ours, beyond the paper: DPO with the push-down of each rejected token weighted
+  by its probability, against plain DPO and extend on the same claims and judge;
 - ``on_policy`` — off-policy vs on-policy negatives, and the loss types (sigmoid, IPO, hinge,
   SimPO; PPO-clip's coefficient) by how much they squeeze and by their residual coefficients;
 - ``influence_matrix`` — accumulated influence of each training-target probe family on every
@@ -56,7 +58,7 @@ from ldjax.config import parse_config, to_dict
 from ldjax.train.config import ConfigError  # a usage error: `ldjax reproduce` reports it in one line, status 2
 
 CLASSIC = ("squeeze_logreg", "first_order", "mnist_dynamics")
-LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "on_policy", "influence_matrix", "token_squeeze",
+LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "mitigation", "on_policy", "influence_matrix", "token_squeeze",
        "first_order_lm", "kernel_balance", "regime_search")
 EXPERIMENTS = CLASSIC + LLM
 # Experiments that sweep tiny models of their own: with --model they have nothing to run on.
@@ -65,11 +67,15 @@ TINY_ONLY = ("kernel_balance",)
 # The CPU scale of the main job (≈ 15 min on 2 cores in all); fields a Config lacks are skipped.
 DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reuse dpo_dynamics' DPO job
 CPU_SCALE: dict[str, dict[str, Any]] = {
-    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE, "on_policy": DPO_SCALE,
-    "influence_matrix": dict(prompts=8, steps=4),
-    "token_squeeze": dict(widths=(64,), contexts=6, halvings=6),
+    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE, "mitigation": DPO_SCALE,
+    # IPO is left to `python -m experiments.on_policy` (it collapses every family at this lr)
+    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "hinge", "simpo")),
+    "influence_matrix": dict(prompts=6, steps=3),
+    "token_squeeze": dict(widths=(64,), heads=("untied",), contexts=6, halvings=6),
+    # (the head-only control is dpo_dynamics' head-only DPO, with 3 seeds)
     "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"), seeds=(0,),
-                           dpo_variants=("untied_d64_L2_short", "tied_d64_L2_short"), prompts=3, positions=4),
+                           dpo_variants=("untied_d64_L2_short", "tied_d64_L2_short"), head_only_control="",
+                           prompts=3, positions=4),
     # reference, head_only and from_base are dpo_dynamics' own jobs (cached): only foreign_rejected trains anew
     "regime_search": dict(regimes=("reference", "head_only", "from_base", "foreign_rejected"), seeds=(0,), **DPO_SCALE),
 }
@@ -121,6 +127,8 @@ CAPTIONS: dict[str, str] = {
                                                 "gradient, each split into head and body parameters (first order, nats per step).",
     "sharpness/sharpness.png": "DPO from a short (1 epoch) and a long SFT: change of chosen, rejected and y* from the DPO "
                                "start. The paper: from the sharper start chosen falls sooner and further and y* rises faster.",
+    "mitigation/mitigation.png": "SFT then DPO on one axis for plain DPO (baseline), extend, and ours (weighted: each rejected "
+                                 "token's push-down scaled by its probability). Ours should keep chosen up and y* down without extend's extra SFT.",
     "extend/extend.png": "SFT then DPO on one axis (dashed: DPO starts), SFT on chosen only (baseline) vs on chosen and "
                          "rejected (extend). The paper: with extend y⁻ starts DPO out of the valley, chosen falls less.",
     "on_policy/squeeze.png": "DPO with off-policy vs on-policy negatives and with each loss type: change of y*, chosen, "

@@ -31,8 +31,7 @@ from typing import Any
 import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
-from experiments.lm_pipeline import (Pipeline, PipelineConfig, Stage, decomposition_hook, enable_compile_cache,
-                                     plot_curves, read_curves, rise_then_fall, rising_fraction)
+from experiments.lm_pipeline import (ExperimentConfig, open_experiment, Pipeline, PipelineConfig, Stage, decomposition_hook, plot_curves, read_curves, rise_then_fall, rising_fraction)
 from ldjax.config import parse_config, to_dict
 from ldjax.sequence_dynamics import SFTObjective
 
@@ -45,42 +44,16 @@ CHECK_MAX_RELATIVE_GAP = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(ExperimentConfig):
     """SFT probe dynamics over seeds (SPEC §3) with a per-step first-order decomposition."""
 
     out: str = dataclasses.field(default="results/sft_dynamics", metadata={"help": "output directory"})
-    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "pipeline cache (shared with dpo_dynamics)"})
-    seeds: tuple[int, ...] = dataclasses.field(default=(0, 1, 2), metadata={"help": "model seeds (init, data order)"})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "seconds-long run (tests)"})
-    preset: str = dataclasses.field(default="cpu", metadata={"help": "cpu | paper (Pythia-410M + HH, RMSprop 5e-7; needs --model and --data)"})
-    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
-    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining)"})
-    sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's SFT steps (0 = keep)"})
     decompose_every: int = dataclasses.field(default=4, metadata={"help": "decompose every k-th tracked step"})
-    compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
-        if len(self.seeds) < 1:
-            raise ValueError("Config.seeds: at least one seed")
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
-        if self.preset == "paper" and not (self.model and self.data):
-            raise ValueError("preset 'paper' needs --model (a local Pythia-410M directory) and --data (Anthropic-HH JSONL)")
+        super().__post_init__()
         if self.decompose_every < 1:
             raise ValueError("Config.decompose_every must be >= 1")
-
-
-def pipeline_config(run_dir: str, *, quick: bool, preset: str, data: str, data_format: str, model: str,
-                    **overrides: Any) -> PipelineConfig:
-    """The pipeline config of an experiment's flags (shared with :mod:`experiments.dpo_dynamics`)."""
-    common = dict(run_dir=run_dir, data=data, data_format=data_format, model=model)
-    overrides = {k: v for k, v in overrides.items() if v}
-    if preset == "paper":
-        return PipelineConfig.paper_preset(model, data, run_dir=run_dir, **overrides)
-    if quick:
-        return PipelineConfig.quick_preset(**common, **overrides)
-    return PipelineConfig(**common, **overrides)
 
 
 def sft_stage(pipeline: Pipeline, seed: int, decompose_every: int) -> tuple[Stage, Stage]:
@@ -174,13 +147,7 @@ def plot_decomposition(records: list[tuple[int, int, dict]], path: pathlib.Path,
 def main(config: Config) -> dict[str, Any]:
     """Runs the pipeline for every seed and writes figures, results.json, claims.json and report.md."""
     start = time.perf_counter()
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.compile_cache != "off":
-        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
-    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
-                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps)
-    pipeline = Pipeline(pcfg)
+    out, pcfg, pipeline = open_experiment(config)
     seeds = list(config.seeds)
     curves, stages, records = [], {}, []
     for seed in seeds:

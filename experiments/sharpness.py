@@ -31,8 +31,8 @@ import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
 from experiments.dpo_dynamics import dpo_overrides, dpo_stage
-from experiments.lm_pipeline import Pipeline, enable_compile_cache, read_curves
-from experiments.sft_dynamics import first_order_check, pipeline_config, sft_stage
+from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, Pipeline, read_curves
+from experiments.sft_dynamics import first_order_check, sft_stage
 from ldjax.config import parse_config, to_dict
 
 EXPERIMENT = "sharpness"
@@ -41,33 +41,14 @@ STARTS = ("short", "long")
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(DPOExperimentConfig):
     """DPO from a short vs a long SFT: does the sharper start squeeze harder?"""
 
     out: str = dataclasses.field(default="results/sharpness", metadata={"help": "output directory"})
-    run_dir: str = dataclasses.field(default="runs/lm_pipeline", metadata={"help": "pipeline cache (shared with sft_dynamics and dpo_dynamics)"})
-    seeds: tuple[int, ...] = dataclasses.field(default=(0, 1, 2), metadata={"help": "model seeds"})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "seconds-long run (tests)"})
-    preset: str = dataclasses.field(default="cpu", metadata={"help": "cpu | paper (needs --model and --data)"})
-    data: str = dataclasses.field(default="", metadata={"help": "preference JSONL; empty = embedded world"})
-    data_format: str = dataclasses.field(default="auto", metadata={"help": "format of --data"})
-    model: str = dataclasses.field(default="", metadata={"help": "local Hugging Face model directory (skips pretraining)"})
     short_epochs: float = dataclasses.field(default=1.0, metadata={"help": "epochs of the short SFT (the long one is the pipeline's)"})
-    sft_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's (long) SFT steps (0 = keep)"})
-    dpo_steps: int = dataclasses.field(default=0, metadata={"help": "override the preset's DPO steps (0 = keep)"})
-    dpo_optimizer: str = dataclasses.field(default="sgd", metadata={"help": "DPO optimizer on the cpu preset (as dpo_dynamics)"})
-    dpo_lr: float = dataclasses.field(default=0.0, metadata={"help": "DPO learning rate (0 = dpo_dynamics' default)"})
-    sft_decompose_every: int = dataclasses.field(default=4, metadata={"help": "as sft_dynamics (to reuse its SFT stage)"})
-    decompose_every: int = dataclasses.field(default=3, metadata={"help": "as dpo_dynamics (to reuse its DPO stage)"})
-    compile_cache: str = dataclasses.field(default="", metadata={"help": "JAX compilation cache dir (default run_dir/jax_cache; 'off' = none)"})
 
     def __post_init__(self):
-        if not self.seeds:
-            raise ValueError("Config.seeds: at least one seed")
-        if self.preset not in ("cpu", "paper"):
-            raise ValueError(f"Config.preset must be 'cpu' or 'paper', got {self.preset!r}")
-        if self.preset == "paper" and not (self.model and self.data):
-            raise ValueError("preset 'paper' needs --model and --data")
+        super().__post_init__()
         if self.short_epochs <= 0:
             raise ValueError(f"Config.short_epochs must be > 0, got {self.short_epochs}")
 
@@ -152,14 +133,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
 def main(config: Config) -> dict[str, Any]:
     """Short and long SFT, DPO from each, per seed; writes sharpness.png, results.json, claims.json, report.md."""
     t0 = time.perf_counter()
-    out = pathlib.Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if config.compile_cache != "off":
-        enable_compile_cache(config.compile_cache or pathlib.Path(config.run_dir) / "jax_cache")
-    pcfg = pipeline_config(config.run_dir, quick=config.quick, preset=config.preset, data=config.data,
-                           data_format=config.data_format, model=config.model, sft_steps=config.sft_steps,
-                           dpo_steps=config.dpo_steps)
-    pipeline = Pipeline(pcfg)
+    out, pcfg, pipeline = open_experiment(config)
     overrides = dpo_overrides(config)
     seeds = list(config.seeds)
     curves: dict[str, list] = {s: [] for s in STARTS}
