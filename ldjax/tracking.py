@@ -231,17 +231,20 @@ class Tracker:
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         probes_path = self.path.parent / PROBES_FILE
+        primary = jax.process_index() == 0  # a multi-process run: process 0 alone writes the files
         if resumed_from is None:
-            if self.path.exists():
+            if primary and self.path.exists():
                 self.path.unlink()
         else:
             check_tracking_resumable(self.path, self.probe_set.texts, resumed_from)
-            truncate_tracking(self.path, resumed_from)
-            first = read_tracking(self.path)[:1]
+            if primary:
+                truncate_tracking(self.path, resumed_from)
+            first = [r for r in read_tracking(self.path)[:1] if r.get("step", 0) <= resumed_from]
             if first and "baseline" in first[0]:
                 self._baseline = {q: {f: np.asarray(v, np.float64) for f, v in fam.items()}
                                   for q, fam in first[0]["baseline"].items()}
-        probes_path.write_text(json.dumps(self.probe_set.texts.to_json(), indent=1, ensure_ascii=False))
+        if primary:
+            probes_path.write_text(json.dumps(self.probe_set.texts.to_json(), indent=1, ensure_ascii=False))
         self.track_seconds = 0.0
         if self._bar is None and self.every:
             self._bar = tqdm(desc="track", unit="eval", position=1, leave=False, dynamic_ncols=True,
@@ -346,9 +349,10 @@ class Tracker:
             total = self.track_seconds + float(train_seconds)
             timing["track_fraction"] = self.track_seconds / total if total > 0 else 0.0
         record["time"] = timing
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+        if jax.process_index() == 0:  # every process scores (the arrays span them all); one writes
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, allow_nan=True) + "\n")
         self._show(record)
         return record
 

@@ -1,6 +1,6 @@
 """Two CPU processes joined by jax.distributed (gloo collectives) train the run one process trains.
 
-Each process is ``python -m ldjax sft --distributed env`` with 2 fake CPU devices and the
+Each process is ``python -m ldjax dpo --distributed env`` with 2 fake CPU devices and the
 ``LDJAX_*`` variables (:mod:`ldjax.train.distributed`); the 4 global devices form a
 ``data=2 x fsdp=2`` mesh (the batch split across the processes, each parameter split over a
 process's two devices). The reference is one process with 4 devices and the same flags.
@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48", "--max-prompt-length", "20",
-        "--world-entities", "8", "--world-train", "16", "--world-test", "4", "--world-pretrain", "16",
-        "--batch-size", "4", "--progress", "false", "--learning-rate", "1e-2", "--optimizer", "adam",
-        "--num-steps", "12", "--checkpoint-every", "6", "--fsdp", "2"]
+TINY = ["dpo", "--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48",
+        "--max-prompt-length", "20", "--world-entities", "8", "--world-train", "16", "--world-test", "4",
+        "--world-pretrain", "16", "--batch-size", "4", "--progress", "false", "--learning-rate", "1e-2",
+        "--optimizer", "adam", "--num-steps", "6", "--checkpoint-every", "3", "--fsdp", "2",
+        "--track-every", "3", "--track-prompts", "4", "--eval-every", "3"]
 TIMEOUT = 240
 
 
@@ -39,7 +40,7 @@ def env_for(local_devices: int, **extra) -> dict[str, str]:
 
 
 def launch(args, env):
-    return subprocess.Popen([sys.executable, "-m", "ldjax", "sft", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "ldjax", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -70,8 +71,22 @@ def metrics(run: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _flat(x, path=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            if k not in ("time", "tokens_per_s"):
+                yield from _flat(v, f"{path}/{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from _flat(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
+    """DPO (reference log-probs, eval hook, probe tracker, checkpoints) on params spread over two
+    processes follows the one-process run; the checkpoint then resumes in one process, one device."""
     one, two = tmp_path / "one", tmp_path / "two"
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [launch([*TINY, "--distributed", "env", "--out", str(two)],
@@ -84,21 +99,27 @@ def test_two_processes_train_like_one(tmp_path):
     summary = json.loads((two / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["devices"] == 4 and summary["fsdp"] == 2
     assert json.loads((one / "summary.json").read_text())["processes"] == 1
-    # Only process 0 wrote the log: each step once.
-    m1, m2 = metrics(one), metrics(two)
-    assert [r["step"] for r in m2] == list(range(1, 13)) == [r["step"] for r in m1]
-    np.testing.assert_allclose([r["loss"] for r in m2], [r["loss"] for r in m1], rtol=1e-5, atol=1e-6)
-    w1, w2 = weights(one), weights(two)
+    for name in ("metrics.jsonl", "tracking.jsonl"):
+        a = [json.loads(line) for line in (one / name).read_text().splitlines()]
+        b = [json.loads(line) for line in (two / name).read_text().splitlines()]
+        assert [r["step"] for r in a] == [r["step"] for r in b], name  # process 0 alone wrote each record
+        for ra, rb in zip(a, b):
+            fa, fb = dict(_flat(ra)), dict(_flat(rb))
+            assert fa.keys() == fb.keys()
+            for k, v in fa.items():
+                if isinstance(v, float):
+                    np.testing.assert_allclose(fb[k], v, rtol=1e-5, atol=1e-5, err_msg=f"{name} {k}")
+    assert [r["step"] for r in metrics(two) if "loss" in r] == list(range(1, 7))
+    assert any("eval/loss" in r for r in metrics(two))
+    assert [json.loads(l)["step"] for l in (two / "tracking.jsonl").read_text().splitlines()] == [0, 3, 6]
+    w1, w2 = weights(one), weights(two)  # the final model, gathered from both processes
     assert w1.keys() == w2.keys() and w1
     for k in w1:
         np.testing.assert_allclose(w2[k], w1[k], rtol=0, atol=1e-5, err_msg=k)
-    # Both processes wrote their shards of the checkpoints (Orbax, multi-process).
-    steps = sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [6, 12]
+    # Both processes wrote their shards of every checkpoint (Orbax, multi-process).
+    assert sorted(int(p.name) for p in (two / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
 
-    # The 2-process checkpoint resumes in one process on another mesh (1 device): steps 13-14.
-    more = ["--num-steps", "14", "--fsdp", "1", "--num-devices", "1", "--out", str(two)]
-    finish([launch([*TINY, *more], env_for(4))])
-    resumed = metrics(two)
-    assert [r["step"] for r in resumed] == list(range(1, 15))
-    assert json.loads((two / "summary.json").read_text())["resumed_from"] == 12
+    # The 2-process checkpoint resumes in one process on another mesh (1 device, no fsdp): step 7.
+    finish([launch([*TINY, "--num-steps", "7", "--fsdp", "1", "--num-devices", "1", "--out", str(two)], env_for(4))])
+    assert [r["step"] for r in metrics(two) if "loss" in r] == list(range(1, 8))
+    assert json.loads((two / "summary.json").read_text())["resumed_from"] == 6

@@ -156,7 +156,7 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict
         batch = {k: np.asarray(arrays[k])[np.where(valid, idx, 0)] for k in keys}
         if mesh is not None:
             batch = sharding_lib.shard_batch(batch, mesh)
-        c, r = jax.device_get(run(params, rest, batch))
+        c, r = sharding_lib.gather(run(params, rest, batch))  # also when the rows span processes
         out_c.append(np.asarray(c)[valid])
         out_r.append(np.asarray(r)[valid])
     return {"ref_chosen_logps": np.concatenate(out_c).astype(np.float32),
