@@ -40,17 +40,19 @@ the backward pass):
 Rows per device: the batch is split over the ``"data"`` axis (``--num-devices / --fsdp``) and
 into ``--accumulation-steps`` micro-batches. The train step keeps each data shard whole over the
 ``"fsdp"`` axis (:mod:`ldjax.train.sharding`), but XLA's SPMD partitioner then splits the
-activations over the fsdp devices as well (measured on CPU: the step's temporary memory at
-fsdp = 8 is that of 1/8 of the rows, ``tests/test_memory_plan.py``); ``--fsdp-activations
+activations over the fsdp devices as well (measured on CPU: at fsdp = 8 the step's temporary
+memory is close to that of 1/8 of the rows on the test's shapes, less split on others — below); ``--fsdp-activations
 split`` (the default) counts ``rows / fsdp`` per device, ``whole`` the conservative bound.
 
 Checked (``tests/test_memory_plan.py``) against XLA's own buffer assignment of the compiled
 train step (``compiled.memory_analysis()``: arguments + outputs not aliased + temporaries) of
 tiny models on CPU: within 5 % on one device (SFT and DPO, GPT-NeoX and Qwen2, with gradient
 accumulation, data-parallel on 8 devices) and at fsdp = 8 on 8 fake devices (+2 %). FSDP
-activations are the least certain part: XLA's SPMD partitioner decides how far it splits them,
-and measured errors at fsdp > 1 range from -34 % to +37 % over small shapes (a 2-block
-d = 64 model, a DPO step at fsdp 2 x data 4 is -33 %: XLA split its two passes less). The CPU
+activations are the least certain part: XLA's SPMD partitioner decides how far it splits them.
+Over other small shapes at fsdp > 1 the plan measured -45 % to +2 % against XLA (it
+*under*-estimates when XLA splits the activations less than over all fsdp devices: -45 % for a
+d = 64, T = 128 model, -19 % at d = 256, T = 64, -33 % for a DPO step at fsdp 2 x data 4);
+``--fsdp-activations whole`` is the upper bound. The CPU
 compiler ignores rematerialisation (its temporaries are the same with and without
 ``--remat``), so the remat formula is not checked there.
 """
