@@ -304,6 +304,15 @@ def check_usage(command: str, config) -> None:
                    "pass e.g. --max-new-tokens 24")
         if config.top_k < 0:
             refuse(f"--top-k must be >= 0, got {config.top_k}", "pass 0 (all tokens) or a positive k")
+        if config.on_policy_candidates > 1 and config.on_policy == "off":
+            refuse(f"--on-policy-candidates {config.on_policy_candidates} ranks on-policy samples, but --on-policy is off",
+                   "add --on-policy rejected (or both), or drop --on-policy-candidates")
+        if config.on_policy_candidates > 1 and config.on_policy_judge == "none":
+            refuse(f"--on-policy-candidates {config.on_policy_candidates} needs a judge to rank the candidates",
+                   "add --on-policy-judge world (embedded world only)")
+        if config.on_policy_judge == "world" and config.data:
+            refuse("--on-policy-judge world judges the embedded world's styles, not --data's responses",
+                   "drop --data, or rank with --on-policy-candidates 1 (no judge)")
     out = pathlib.Path(config.out)
     if out.exists() and not out.is_dir():
         refuse(f"--out {config.out}: exists and is not a directory", "pass a new or existing run directory")
@@ -426,6 +435,16 @@ def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, p
     return tracker
 
 
+def _on_policy_judge(config, tokenizer, vocab_size: int, eos_id):
+    """``score_fn(input_ids, loss_mask) -> (B,)`` ranking on-policy candidates inside the step: the
+    world's style judge as token tables over the model's ``vocab_size`` ids
+    (:func:`ldjax.judge.token_judge_scores`)."""
+    from ldjax.data.world import SPECIAL_TOKENS
+    from ldjax.judge import StyleNgramJudge, token_judge_scores
+    tables = StyleNgramJudge(_world(config)).token_tables(tokenizer.get_vocab(), vocab_size, SPECIAL_TOKENS)
+    return lambda ids, mask: token_judge_scores(tables, ids, mask, eos_id)
+
+
 def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_of_probes=None, *,
              tracker_hook=None, optimizer_wrapper=None) -> dict[str, Any]:
     kw, arrays, test_arrays, loss_fn = data["kw"], data["arrays"], data["test_arrays"], data["loss_fn"]
@@ -447,13 +466,16 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
             constants = jax.tree.map(jnp.copy, params)  # frozen reference for the sampled responses
             eos, pad = kw["eos_id"], kw["pad_id"]
 
+            score_fn = (_on_policy_judge(config, tokenizer, model.config.vocab_size, eos)
+                        if config.on_policy_candidates > 1 else None)
+
             def prepare_fn(p, batch, key, ref_params):
                 policy = nnx.merge(graphdef, p, rest)
                 reference = nnx.merge(graphdef, ref_params, rest)
                 return sampling.on_policy_batch(  # the models themselves: sampling uses their KV cache
                     policy, reference, batch, key, mode=config.on_policy,
                     max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-                    eos_id=eos, pad_id=pad)
+                    eos_id=eos, pad_id=pad, candidates=config.on_policy_candidates, score_fn=score_fn)
 
     step = steps.make_train_step(graphdef, loss_fn, optimizer, rest=rest, accumulation_steps=config.accumulation_steps,
                                  learning_rate=schedule, prepare_fn=prepare_fn, constants=constants, mesh=mesh)

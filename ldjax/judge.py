@@ -579,6 +579,114 @@ class StyleNgramJudge:
     def prefers(self, prompt: str, a: str, b: str) -> bool:
         return self.log_ratio(prompt, a) > self.log_ratio(prompt, b)
 
+    def token_tables(self, token_ids: dict[str, int], vocab_size: int,
+                     special_tokens: Sequence[str] = ()) -> "TokenJudgeTables":
+        """This judge's log-ratio as tables over a word-level tokenizer's ids, for
+        :func:`token_judge_scores` (the same score, computed inside ``jit``).
+
+        Args:
+          token_ids: word → token id (``tokenizer.get_vocab()``).
+          vocab_size: the model's vocabulary (ids beyond the tokenizer's are never words).
+          special_tokens: tokens that ``decode(..., skip_special_tokens=True)`` drops: skipped.
+        """
+        ratio = {}
+        for style in ("chosen", "rejected"):
+            model = self._models[style]
+            unigram = np.full(vocab_size + 1, model["floor"])  # column vocab_size = the end marker
+            for word, i in token_ids.items():
+                if i < vocab_size:
+                    unigram[i] = model["unigram"].get(word, model["floor"])
+            unigram[vocab_size] = model["unigram"].get(self.END, model["floor"])
+            index = {w: i for w, i in token_ids.items() if i < vocab_size}
+            index[self.END] = vocab_size
+
+            def row(history: str) -> np.ndarray:
+                if history not in model["bigram"]:
+                    return unigram.copy()
+                nexts, count = model["bigram"][history]
+                out = self.discount * len(nexts) * unigram
+                for word, n in nexts.items():
+                    if word in index:
+                        out[index[word]] += max(n - self.discount, 0.0)
+                return out / count
+
+            start = row(self.START)
+            pairs = np.stack([unigram] * vocab_size)
+            for word, i in index.items():
+                if word != self.END:
+                    pairs[i] = row(word)
+            ratio[style] = (np.log(start), np.log(pairs))
+        (s_c, p_c), (s_r, p_r) = ratio["chosen"], ratio["rejected"]
+        is_word = np.zeros(vocab_size, bool)
+        for word, i in token_ids.items():
+            if i < vocab_size and word not in special_tokens:
+                is_word[i] = True
+        return TokenJudgeTables(start=(s_c - s_r)[:vocab_size].astype(np.float32),
+                                pairs=(p_c - p_r)[:, :vocab_size].astype(np.float32),
+                                end=(p_c - p_r)[:, vocab_size].astype(np.float32),
+                                start_end=np.float32((s_c - s_r)[vocab_size]), is_word=is_word)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenJudgeTables:
+    """A word-bigram judge's log-ratio over token ids (:meth:`StyleNgramJudge.token_tables`).
+
+    Attributes:
+      start: (V,) the ratio of a response's first word.
+      pairs: (V, V) ``[a, b]``: the ratio of word ``b`` after word ``a``.
+      end: (V,) the ratio of the end marker after word ``a``.
+      start_end: the ratio of an empty response (the end marker first).
+      is_word: (V,) False for the tokens decoding drops (specials), which are skipped.
+    """
+
+    start: np.ndarray
+    pairs: np.ndarray
+    end: np.ndarray
+    start_end: np.float32
+    is_word: np.ndarray
+
+
+def token_judge_scores(tables: TokenJudgeTables, input_ids, loss_mask, eos_id: int | None):
+    """The judge's log-ratio of every response of a token batch, jit-compatible.
+
+    The response is the scored tokens of ``loss_mask`` (the sampler's convention) up to the
+    first ``eos_id``; special tokens are skipped as ``decode(skip_special_tokens=True)`` drops
+    them; the end marker closes it whether or not EOS was sampled. Equals
+    ``judge.scores(prompts, decoded responses)`` (tested).
+
+    Args:
+      tables: :class:`TokenJudgeTables`.
+      input_ids: (B, T) int.
+      loss_mask: (B, T) the response tokens.
+      eos_id: the end-of-sequence id, or None.
+
+    Returns:
+      (B,) float32 log-ratios (higher = more chosen-like).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    start, pairs, end = jnp.asarray(tables.start), jnp.asarray(tables.pairs), jnp.asarray(tables.end)
+    is_word = jnp.asarray(tables.is_word)
+    ids = jnp.asarray(input_ids).astype(jnp.int32)
+    scored = jnp.asarray(loss_mask).astype(bool)
+    b = ids.shape[0]
+
+    def step(carry, column):
+        prev, done, total = carry  # prev = -1: no word yet
+        tok, live = column
+        live = live & ~done
+        closes = live & (tok == eos_id) if eos_id is not None else jnp.zeros_like(live)
+        word = live & ~closes & is_word[tok]
+        gain = jnp.where(prev < 0, start[tok], pairs[jnp.maximum(prev, 0), tok])
+        total = total + jnp.where(word, gain, 0.0)
+        prev = jnp.where(word, tok, prev)
+        return (prev, done | closes, total), None
+
+    init = (jnp.full((b,), -1, jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.float32))
+    (prev, _, total), _ = jax.lax.scan(step, init, (ids.T, scored.T))
+    return total + jnp.where(prev < 0, tables.start_end, end[jnp.maximum(prev, 0)])
+
 
 # ------------------------------------------------------------------------------ win rate
 
@@ -689,4 +797,4 @@ def pool_win_rates(results: Sequence[WinRate], *, confidence: float | None = Non
                                method=results[0].method if method is None else method)
 
 
-__all__ = ["LOG_FLOOR", "WorldJudge", "LMJudge", "WinRate", "win_rate", "pool_win_rates", "binomial_interval"]
+__all__ = ["LOG_FLOOR", "WorldJudge", "StyleNgramJudge", "TokenJudgeTables", "token_judge_scores", "LMJudge", "WinRate", "win_rate", "pool_win_rates", "binomial_interval"]

@@ -60,6 +60,29 @@ def test_on_policy_dpo_samples_both_sides_inside_the_step(tmp_path):
     assert abs(lines[0]["rewards/chosen"]) < 1e-4 and abs(lines[0]["rewards/rejected"]) < 1e-4
 
 
+@pytest.mark.slow  # one compile of a step that samples 3 candidates and ranks them with the world's judge
+def test_judge_ranked_on_policy_dpo(tmp_path):
+    assert cli.main(["dpo", *TINY, "--on-policy", "rejected", "--on-policy-candidates", "3", "--on-policy-judge", "world",
+                     "--max-new-tokens", "8", "--num-steps", "2", "--out", str(tmp_path / "ranked")]) == 0
+    lines = read_metrics(tmp_path / "ranked")
+    assert [l["step"] for l in lines] == [1, 2] and all(np.isfinite(l["loss"]) for l in lines)
+    assert abs(lines[0]["rewards/rejected"]) < 1e-4  # the chosen candidate's reference log-prob is recomputed
+
+
+def test_judge_ranked_on_policy_flags_are_checked(tmp_path):
+    cases = [(["--on-policy-candidates", "3"], "--on-policy is off"),
+             (["--on-policy", "rejected", "--on-policy-candidates", "3"], "needs a judge"),
+             (["--on-policy", "rejected", "--on-policy-judge", "world", "--data", str(tmp_path / "x.jsonl")],
+              "embedded world's styles")]
+    (tmp_path / "x.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    for flags, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            cli.main(["dpo", *TINY, *flags, "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(ConfigError, match="on_policy_judge"):
+        parse_config(DPOConfig, ["--on-policy-judge", "gpt4"])
+
+
 def test_data_flag_reads_jsonl_and_reports_bad_lines(tmp_path):
     rows = [{"prompt": f"question {i} about cats ?", "chosen": f"a good answer number {i} .", "rejected": f"bad {i}"}
             for i in range(10)]

@@ -387,3 +387,43 @@ def test_style_ngram_judge_is_normalised_and_prefers_held_out_chosen(style):
     assert np.isfinite(judge.log_ratio(prompts[0], odd))
     assert judge.log_ratio(prompts[0], world.test[0].chosen) == pytest.approx(
         judge.log_likelihood(world.test[0].chosen) - judge.log_likelihood(world.test[0].chosen, "rejected"))
+
+
+def test_token_judge_scores_equal_the_text_judge():
+    """token_judge_scores (tables over token ids, inside jit) = StyleNgramJudge.scores on the decoded
+    texts: world responses, random token strings with specials and EOS mid-way, empty responses."""
+    import jax
+    from ldjax.data.world import SPECIAL_TOKENS, WorldConfig, build_world
+    from ldjax.judge import StyleNgramJudge, token_judge_scores
+    world = build_world(WorldConfig(num_entities=40, num_train=40, num_test=30, num_pretrain_answers=5,
+                                    num_pretrain_narrative=3, shakespeare_fraction=0.0))
+    tok = world.tokenizer
+    judge = StyleNgramJudge(world, samples=100)
+    vocab = world.vocab_size
+    tables = judge.token_tables(tok.get_vocab(), vocab, SPECIAL_TOKENS)
+    eos = tok.token_to_id("<eos>")
+    rng = np.random.default_rng(0)
+    rows, masks = [], []
+    texts = [e.chosen for e in world.test[:10]] + [e.rejected for e in world.test[:10]]
+    length = 48
+    for text in texts:  # prompt of 3 random tokens, the response, EOS, padding
+        ids = [int(i) for i in rng.integers(4, vocab, 3)] + tok.encode(text).ids + [eos]
+        mask = [0, 0, 0] + [1] * (len(ids) - 3)
+        rows.append(ids + [0] * (length - len(ids)))
+        masks.append(mask + [0] * (length - len(mask)))
+    for n in (0, 1, 5, 20, 44):  # random strings: specials inside, EOS mid-way or none, empty
+        ids = [int(i) for i in rng.integers(0, vocab, 3 + n)]
+        rows.append(ids + [0] * (length - len(ids)))
+        masks.append([0, 0, 0] + [1] * n + [0] * (length - 3 - n))
+    ids, mask = np.asarray(rows), np.asarray(masks)
+    got = np.asarray(jax.jit(lambda i, m: token_judge_scores(tables, i, m, eos))(ids, mask))
+
+    def decoded(i, m):
+        response = [int(t) for t, s in zip(i, m) if s]
+        if eos in response:
+            response = response[:response.index(eos)]
+        return tok.decode(response, skip_special_tokens=True)
+
+    want = judge.scores([""] * len(ids), [decoded(i, m) for i, m in zip(ids, mask)])
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+    assert np.ptp(want) > 1.0  # the cases differ: the comparison is not vacuous

@@ -464,3 +464,34 @@ def test_on_policy_batch_keeps_chosen_and_scores_samples_with_the_reference():
     expected = logps_by_hand(reference, np.asarray(out["rejected_input_ids"]), np.asarray(out["rejected_attention_mask"]),
                              np.asarray(out["rejected_loss_mask"]))
     np.testing.assert_allclose(np.asarray(out["ref_rejected_logps"]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["rejected", "both"])
+def test_judge_ranked_on_policy_keeps_the_worst_and_best_of_k(mode):
+    """candidates=k: the k samples are those of keys fold_in(key_rej, j) (drawn here one by one); y⁻ is
+    the lowest-scored of them per prompt, and with "both" y⁺ the highest-scored."""
+    policy, reference = tiny_lm(0), tiny_lm(1)
+    d = {k: jnp.asarray(v) for k, v in preference_arrays(n=4).items()}
+    score = lambda ids, mask: jnp.sum(jnp.where(mask == 1, ids % 7, 0), axis=1).astype(jnp.float32)  # noqa: E731
+    kw = dict(max_new_tokens=3, top_k=5)
+    key = jax.random.PRNGKey(2)
+    out = nnx.jit(lambda p, r, d, k: sampling.on_policy_batch(lambda i, m: p(i, m), lambda i, m: r(i, m), d, k,
+                                                              mode=mode, candidates=4, score_fn=score, **kw))(
+        policy, reference, d, key)
+    lengths = sampling.prompt_lengths_of(d["chosen_attention_mask"], d["chosen_loss_mask"])
+    k_rej = jax.random.split(key)[0]
+    draws = [nnx.jit(lambda p, k: sampling.sample_continuations(lambda i, m: p(i, m), d["chosen_input_ids"], lengths, k,
+                                                                **kw))(policy, jax.random.fold_in(k_rej, j))
+             for j in range(4)]
+    scores = np.stack([np.asarray(score(x["input_ids"], x["loss_mask"])) for x in draws])  # (k, B)
+    assert (scores.max(0) > scores.min(0)).any(), "the candidates must differ for the test to mean anything"
+    for b in range(4):
+        worst, best = draws[int(scores[:, b].argmin())], draws[int(scores[:, b].argmax())]
+        np.testing.assert_array_equal(np.asarray(out["rejected_input_ids"][b]), np.asarray(worst["input_ids"][b]))
+        if mode == "both":
+            np.testing.assert_array_equal(np.asarray(out["chosen_input_ids"][b]), np.asarray(best["input_ids"][b]))
+    expected = logps_by_hand(reference, np.asarray(out["rejected_input_ids"]), np.asarray(out["rejected_attention_mask"]),
+                             np.asarray(out["rejected_loss_mask"]))
+    np.testing.assert_allclose(np.asarray(out["ref_rejected_logps"]), expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="score_fn"):
+        sampling.on_policy_batch(policy, reference, d, key, mode=mode, candidates=3, **kw)

@@ -163,6 +163,8 @@ class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataCo
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for on-policy responses"})
     top_k: int = field(default=0, metadata={"help": "sample from the top-k tokens only (0 = all)"})
     max_new_tokens: int = field(default=24, metadata={"help": "fixed length of sampled responses"})
+    on_policy_candidates: int = field(default=1, metadata={"help": "responses sampled per prompt for --on-policy; above 1 the --on-policy-judge ranks them: the lowest-scored becomes y- (with 'both' the highest-scored becomes y+)"})
+    on_policy_judge: str = field(default="none", metadata={"help": "judge that ranks on-policy candidates: none | world (the embedded world's chosen- vs rejected-style bigram models, ldjax.judge.StyleNgramJudge, run inside the step)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,6 +172,10 @@ class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataCo
             raise ConfigError(f"on_policy: {self.on_policy!r} is not one of ('off', 'rejected', 'both')")
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if self.on_policy_candidates < 1:
+            raise ConfigError(f"on_policy_candidates: must be >= 1, got {self.on_policy_candidates}")
+        if self.on_policy_judge not in ("none", "world"):
+            raise ConfigError(f"on_policy_judge: {self.on_policy_judge!r} is not one of ('none', 'world')")
         if self.negative_weight_power < 0:
             raise ConfigError(f"negative_weight_power: must be >= 0, got {self.negative_weight_power}")
 

@@ -109,26 +109,50 @@ def prompt_lengths_of(attention_mask: jax.Array, loss_mask: jax.Array) -> jax.Ar
     return jnp.sum(attention_mask * (1 - jnp.cumsum(loss_mask, axis=1).clip(0, 1)), axis=1).astype(jnp.int32)
 
 
+def _ranked_samples(sample: Callable[[jax.Array], dict], key: jax.Array, candidates: int,
+                    score_fn: Callable[[jax.Array, jax.Array], jax.Array]) -> tuple[dict, dict]:
+    """``candidates`` samples per prompt; (the highest-scored, the lowest-scored) per prompt."""
+    draws = [sample(jax.random.fold_in(key, j)) for j in range(candidates)]
+    stacked = {k: jnp.stack([d[k] for d in draws]) for k in draws[0]}  # (k, B, L)
+    scores = jnp.stack([score_fn(d["input_ids"], d["loss_mask"]) for d in draws])  # (k, B)
+    rows = jnp.arange(scores.shape[1])
+    pick = lambda j: {k: v[j, rows] for k, v in stacked.items()}  # noqa: E731
+    return pick(jnp.argmax(scores, axis=0)), pick(jnp.argmin(scores, axis=0))
+
+
 def on_policy_batch(apply: Apply, ref_apply: Apply, batch: dict[str, jax.Array], key: jax.Array, *, mode: str,
                     max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, eos_id: int | None = None,
-                    pad_id: int = 0) -> dict[str, jax.Array]:
+                    pad_id: int = 0, candidates: int = 1,
+                    score_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None) -> dict[str, jax.Array]:
     """A preference batch whose rejected (``mode="rejected"``) or both (``"both"``) responses are
     sampled from the current policy ``apply``, with the reference log-probs recomputed by
     ``ref_apply`` for the new responses. Both sides get length T + ``max_new_tokens``. Pass the
     policy model itself (not a lambda around it) to sample with its KV cache.
+
+    Judge-ranked negatives: with ``candidates = k > 1`` and a ``score_fn(input_ids, loss_mask) ->
+    (B,)`` (higher = better, e.g. :func:`ldjax.judge.token_judge_scores`), ``k`` responses are
+    sampled per prompt and the lowest-scored becomes y⁻ (``"rejected"``); with ``"both"`` the
+    highest-scored of the same ``k`` becomes y⁺ (best-of-k vs worst-of-k).
     """
     if mode not in ("rejected", "both"):
         raise ValueError(f"on-policy mode must be 'rejected' or 'both', got {mode!r}")
+    if candidates < 1 or (candidates > 1 and score_fn is None):
+        raise ValueError(f"candidates must be >= 1, and more than 1 needs a score_fn to rank them; got {candidates} "
+                         f"{'with' if score_fn else 'without'} a score_fn")
     lengths = prompt_lengths_of(batch["chosen_attention_mask"], batch["chosen_loss_mask"])
     k_rej, k_cho = jax.random.split(key)
     sample = lambda k: sample_continuations(  # noqa: E731
         apply, batch["chosen_input_ids"], lengths, k, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, eos_id=eos_id, pad_id=pad_id)
     widen = lambda x: jnp.pad(x, ((0, 0), (0, max_new_tokens)), constant_values=0)  # noqa: E731
-    sides = {"rejected": sample(k_rej)}
-    if mode == "both":
-        sides["chosen"] = sample(k_cho)
+    if candidates > 1:
+        best, worst = _ranked_samples(sample, k_rej, candidates, score_fn)
+        sides = {"rejected": worst, **({"chosen": best} if mode == "both" else {})}
     else:
+        sides = {"rejected": sample(k_rej)}
+        if mode == "both":
+            sides["chosen"] = sample(k_cho)
+    if mode != "both":
         sides["chosen"] = {k: widen(batch[f"chosen_{k}"].astype(jnp.int32)) for k in ("input_ids", "attention_mask", "loss_mask")}
         sides["chosen"]["input_ids"] = jnp.where(sides["chosen"]["attention_mask"] == 1, sides["chosen"]["input_ids"], pad_id)
     out = {f"{side}_{k}": v for side, arrays in sides.items() for k, v in arrays.items()}
