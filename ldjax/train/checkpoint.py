@@ -5,7 +5,9 @@ Layout: ``<run>/checkpoints/<step>/{state,meta}``. ``state`` is the :class:`Trai
 (epoch, batch index), the model config and the resume signature (both checked before any
 restore: :func:`ldjax.train.config.resume_signature`) and the whole run config (for the record).
 Orbax writes each step into a temporary directory and renames it when complete, so a kill
-mid-save leaves the previous checkpoint as the latest one.
+mid-save leaves the previous checkpoint as the latest one. In a multi-process run
+(:mod:`ldjax.train.distributed`) every process calls :meth:`RunCheckpointer.save` and
+:meth:`RunCheckpointer.restore` (Orbax coordinates them; the directory must be shared).
 """
 from __future__ import annotations
 
@@ -127,6 +129,12 @@ class RunCheckpointer:
 
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """Restores the state of ``step`` (default: latest) shaped and sharded like ``template``.
+
+        The checkpoint holds each array once, as shards (every process of a multi-process run
+        writes its own); Orbax reads into ``template``'s shardings, so a state saved on one
+        mesh (say ``fsdp=8``) restores onto another (``data=2 x fsdp=4``, one device, more or
+        fewer processes): place the template there first
+        (:func:`ldjax.train.sharding.shard_train_state`). The values are bitwise those saved.
 
         Returns:
           ``(state, meta)`` with ``meta['epoch']``, ``meta['batch_index']`` the data position.
