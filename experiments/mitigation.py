@@ -54,7 +54,7 @@ class Config(DPOExperimentConfig):
     """DPO with a probability-weighted negative gradient, against DPO and against extend."""
 
     out: str = dataclasses.field(default="results/mitigation", metadata={"help": "output directory"})
-    power: float = dataclasses.field(default=1.0, metadata={"help": "alpha of the weighted run: rejected token t's push-down scaled by pi(y-_t)^alpha"})
+    powers: tuple[float, ...] = dataclasses.field(default=(0.5, 1.0), metadata={"help": "alpha of the weighted runs (rejected token t's push-down scaled by pi(y-_t)^alpha); the claims and win rates are the first's, the others are reported beside"})
     samples: int = dataclasses.field(default=3, metadata={"help": "generations per held-out prompt and model for the win rates (0 = none)"})
     max_new_tokens: int = dataclasses.field(default=32, metadata={"help": "longest generation"})
     temperature: float = dataclasses.field(default=1.0, metadata={"help": "sampling temperature of the generations"})
@@ -62,8 +62,13 @@ class Config(DPOExperimentConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.power <= 0:
-            raise ValueError(f"Config.power must be > 0, got {self.power}")
+        if not self.powers or min(self.powers) <= 0:
+            raise ValueError(f"Config.powers: at least one, each > 0, got {self.powers}")
+
+
+def weighted_run(config: Config, power: float) -> str:
+    """The run name of a power: ``weighted`` for the first (the claims'), ``weighted α=<p>`` for the others."""
+    return "weighted" if power == config.powers[0] else f"weighted α={power:g}"
 
 
 def rejected_push(records: list[dict]) -> dict[str, float]:
@@ -83,7 +88,7 @@ def claims(per_seed: dict[str, list[dict[str, float]]], seeds: list[int], power:
         return [y[key] - x[key] for x, y in zip(other, w)]  # weighted − other
 
     def runs(key):
-        return {run: effect([o[key] for o in per_seed[run]]) for run in RUNS}
+        return {run: effect([o[key] for o in values]) for run, values in per_seed.items()}
 
     name = f"ours (π(y⁻_t)^{power:g}-weighted negative gradient)"
     margin = [o["d_chosen"] - o["d_rejected"] for o in w]
@@ -113,16 +118,17 @@ def main(config: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     out, pcfg, pipeline = open_experiment(config)
     overrides = dpo_overrides(config)
-    weighted = {**overrides, "negative_weight_power": config.power}
     seeds = list(config.seeds)
-    per_seed: dict[str, list] = {r: [] for r in RUNS}
-    phases: dict[str, list] = {r: [] for r in RUNS}
+    runs = {"baseline": 0.0, "extend": 0.0, **{weighted_run(config, p): p for p in config.powers}}
+    per_seed: dict[str, list] = {r: [] for r in runs}
+    phases: dict[str, list] = {r: [] for r in runs}
     records, finals = [], {}
     for seed in seeds:
         base, baseline_sft = sft_stage(pipeline, seed, config.sft_decompose_every)
         extend_sft = pipeline.sft(seed, base, name="sft_extend", sft_on_both=True)
-        jobs = (("baseline", baseline_sft, "sft", overrides, ""), ("extend", extend_sft, "extend", overrides, ""),
-                ("weighted", baseline_sft, "sft", weighted, f"nw{config.power:g}"))
+        jobs = [("baseline", baseline_sft, "sft", overrides, ""), ("extend", extend_sft, "extend", overrides, "")]
+        jobs += [(run, baseline_sft, "sft", {**overrides, "negative_weight_power": p}, f"nw{p:g}")
+                 for run, p in runs.items() if p]
         for run, origin, label, opts, variant in jobs:
             stage = dpo_stage(pipeline, seed, origin, label, "full", opts, config.decompose_every, variant=variant)
             c = read_curves(stage)
@@ -140,9 +146,9 @@ def main(config: Config) -> dict[str, Any]:
             print(f"[mitigation] seed {seed} {run}: Δchosen {o['d_chosen']:+.2f}, Δy* {o['d_argmax']:+.2f}, "
                   f"Δrejected {o['d_rejected']:+.2f}, rejected push on chosen {push['on_chosen']:+.3f}/step",
                   file=sys.stderr, flush=True)
-    rows = claims(per_seed, seeds, config.power)
+    rows = claims(per_seed, seeds, config.powers[0])
     check, check_value = first_order_check(records, seeds, EXPERIMENT,
-                                           f"DPO with the π(y⁻_t)^{config.power:g}-weighted negative gradient")
+                                           f"DPO with the π(y⁻_t)^{config.powers[0]:g}-weighted negative gradient")
     rows.append(check)
     wins = win_rates(config, finals, seeds, rows)
     write_claims(out, rows)
@@ -171,7 +177,7 @@ def win_rates(config: Config, finals: dict[int, dict[str, Any]], seeds: list[int
     _, test, _, _ = cli.load_examples(job_config)
     prompts = [e.prompt for e in test]
     texts = {(seed, run): [r for rs in generations(finals[seed][run].model_dir, prompts, config, seed) for r in rs]
-             for seed in seeds for run in RUNS}
+             for seed in seeds for run in RUNS}  # (the other powers are not sampled)
     out: dict[str, Any] = {"judge": kind, "judge_check": judge_check(judge, test), "prompts": len(prompts),
                            "samples": config.samples}
     for other in ("baseline", "extend"):
@@ -200,11 +206,13 @@ def report(config, pcfg, overrides, per_seed, rows, wall, wins=None) -> str:
              f"Data: {pcfg.data or 'the embedded world'}. From the SFT model ({pcfg.sft_steps} steps on y⁺; extend: the "
              f"same steps on y⁺ and y⁻), full-parameter off-policy DPO, {opt['optimizer']} lr {opt['learning_rate']}, "
              f"{pcfg.dpo_steps} steps, β {pcfg.beta}; `weighted` scales rejected token t's push-down by "
-             f"π(y⁻_t)^{config.power:g} (`ldjax dpo --negative-weight-power {config.power:g}`). Seeds {list(config.seeds)}. "
+             f"π(y⁻_t)^α (`ldjax dpo --negative-weight-power α`), α = {config.powers[0]:g}"
+             + (f" (also {', '.join(f'{p:g}' for p in config.powers[1:])}, reported beside)" if config.powers[1:] else "")
+             + f". Seeds {list(config.seeds)}. "
              f"Wall time {wall:.0f} s.", "", "![mitigation](mitigation.png)", "",
              "| run | Δ chosen in DPO | Δ y* in DPO | Δ rejected in DPO | rejected term's push on chosen (nats/step) | its body part | its push on y* |",
              "|---|---|---|---|---|---|---|"]
-    for run in RUNS:
+    for run in per_seed:
         lines.append(f"| {run} | {fmt(run, 'd_chosen')} | {fmt(run, 'd_argmax')} | {fmt(run, 'd_rejected')} | "
                      f"{fmt(run, 'push_on_chosen')} | {fmt(run, 'push_body_on_chosen')} | {fmt(run, 'push_on_argmax')} |")
     if wins and "vs_baseline" in wins:

@@ -67,9 +67,10 @@ TINY_ONLY = ("kernel_balance",)
 # The CPU scale of the main job (≈ 15 min on 2 cores in all); fields a Config lacks are skipped.
 DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reuse dpo_dynamics' DPO job
 CPU_SCALE: dict[str, dict[str, Any]] = {
-    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE, "mitigation": DPO_SCALE,
-    # IPO is left to `python -m experiments.on_policy` (it collapses every family at this lr)
-    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "hinge", "simpo")),
+    "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE,
+    "mitigation": dict(DPO_SCALE, powers=(0.5,)),  # (α = 1 beside it: python -m experiments.mitigation)
+    # IPO and hinge are left to `python -m experiments.on_policy` (IPO collapses every family at this lr)
+    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "sigmoid_ranked", "simpo")),
     "influence_matrix": dict(prompts=6, steps=3),
     "token_squeeze": dict(widths=(64,), heads=("untied",), contexts=6, halvings=6),
     # (the head-only control is dpo_dynamics' head-only DPO, with 3 seeds)
@@ -88,6 +89,7 @@ QUICK_SCALE: dict[str, dict[str, Any]] = {
     # (the quick modes' own extras that the smoke run can do without)
     "dpo_dynamics": dict(quick=True, starts=("sft",)),
     "regime_search": dict(quick=True, regimes=("reference", "head_only")),
+    "mitigation": dict(quick=True, powers=(0.5,)),
 }
 
 # Two lines per figure: what it shows, and what to look for.

@@ -45,15 +45,19 @@ def test_claims_compare_weighted_with_baseline_per_seed():
 
 
 def test_config_refuses_a_non_positive_power():
-    with pytest.raises(ValueError, match="power"):
-        mitigation.Config(power=0.0)
+    with pytest.raises(ValueError, match="powers"):
+        mitigation.Config(powers=(0.5, 0.0))
+    with pytest.raises(ValueError, match="powers"):
+        mitigation.Config(powers=())
+    config = mitigation.Config(powers=(0.5, 1.0))
+    assert [mitigation.weighted_run(config, p) for p in config.powers] == ["weighted", "weighted α=1"]
 
 
 @pytest.mark.experiment  # end-to-end (minutes on 2 cores): make test-experiments
 def test_quick_run(tmp_path):
     run_dir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")
     mitigation.main(mitigation.Config(out=str(tmp_path / "m"), run_dir=run_dir, quick=True, seeds=(0,),
-                                      compile_cache=cache, samples=1))
+                                      compile_cache=cache, samples=1, powers=(1.0,)))
     rows = read_claims(tmp_path / "m" / "claims.json")
     assert {r["kind"] for r in rows} == {"check", "paper"}
     assert all(r["passed"] for r in rows if r["kind"] == "check")
