@@ -294,9 +294,15 @@ def check_usage(command: str, config) -> None:
             refuse(f"--model {config.model}: {e}", todo)
     if command == "dpo":
         from ldjax.losses import LOSS_TYPES
-        if config.loss_type not in LOSS_TYPES:
+        if config.loss_type not in (*LOSS_TYPES, objectives.PPO_CLIP):
             refuse(f"--loss-type {config.loss_type!r} is not a known preference loss",
-                   f"pass one of {', '.join(LOSS_TYPES)}")
+                   f"pass one of {', '.join((*LOSS_TYPES, objectives.PPO_CLIP))}")
+        if config.loss_type == objectives.PPO_CLIP and config.on_policy != "off":
+            refuse("--loss-type ppo_clip takes its old policy's token log-probs from the data's responses, "
+                   "so not with --on-policy", "drop --on-policy, or use a preference loss type")
+        if config.loss_type == objectives.PPO_CLIP and config.negative_weight_power:
+            refuse("--negative-weight-power reweights a preference loss's rejected log-probs, not ppo_clip's tokens",
+                   "drop --negative-weight-power with --loss-type ppo_clip")
         if not config.beta > 0:
             refuse(f"--beta must be > 0 (an inverse temperature), got {config.beta}", "pass e.g. --beta 0.1")
         if config.on_policy != "off" and config.max_new_tokens < 1:
@@ -405,10 +411,13 @@ def _prepare_data(command, config, tokenizer, vocab, train_set, test_set, texts)
     else:
         arrays = tokenize_preference(train_set, tokenizer, **kw)
         test_arrays = tokenize_preference(test_set, tokenizer, **kw)
-        loss_fn = objectives.preference_objective(config.loss_type, beta=config.beta,
-                                                  label_smoothing=config.label_smoothing,
-                                                  negative_weight_power=config.negative_weight_power,
-                                                  **({"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {}))
+        if config.loss_type == objectives.PPO_CLIP:
+            loss_fn = objectives.ppo_clip_objective(epsilon=config.ppo_epsilon)
+        else:
+            loss_fn = objectives.preference_objective(
+                config.loss_type, beta=config.beta, label_smoothing=config.label_smoothing,
+                negative_weight_power=config.negative_weight_power,
+                **({"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {}))
     rows = int(len(next(iter(arrays.values()))))
     if rows < config.batch_size:
         source = f"--data {config.data}" if config.data else "the embedded world (--world-train, --world-pretrain)"
@@ -423,7 +432,7 @@ def _make_tracker(command, config, out, model, tokenizer, kw, texts_of_probes, p
     from ldjax import probes, tracking
     probe_set = probes.tokenize_probes(texts_of_probes, tokenizer, **kw)
     preference = None
-    if command == "dpo":
+    if command == "dpo" and config.loss_type != "ppo_clip":  # (ppo_clip's coefficients are per token: none logged)
         preference = tracking.PreferenceTracking(
             config.loss_type, config.beta, config.label_smoothing,
             {"gamma": config.simpo_gamma} if config.loss_type == "simpo" else {})
@@ -460,8 +469,12 @@ def _run_job(command, config, out, checkpointer, model, tokenizer, data, texts_o
     prepare_fn, constants = None, None
     if command == "dpo":
         # The policy starts as the reference: its log-probs are computed once, here.
-        arrays = {**arrays, **objectives.reference_logps(graphdef, params, rest, arrays, batch_size=config.batch_size, mesh=mesh)}
-        test_arrays = {**test_arrays, **objectives.reference_logps(graphdef, params, rest, test_arrays, batch_size=config.batch_size, mesh=mesh)}
+        per_token = config.loss_type == objectives.PPO_CLIP  # its old policy is per token
+        arrays = {**arrays, **objectives.reference_logps(graphdef, params, rest, arrays, batch_size=config.batch_size,
+                                                         mesh=mesh, per_token=per_token)}
+        test_arrays = {**test_arrays, **objectives.reference_logps(graphdef, params, rest, test_arrays,
+                                                                   batch_size=config.batch_size, mesh=mesh,
+                                                                   per_token=per_token)}
         if config.on_policy != "off":
             constants = jax.tree.map(jnp.copy, params)  # frozen reference for the sampled responses
             eos, pad = kw["eos_id"], kw["pad_id"]

@@ -69,6 +69,21 @@ def test_judge_ranked_on_policy_dpo(tmp_path):
     assert abs(lines[0]["rewards/rejected"]) < 1e-4  # the chosen candidate's reference log-prob is recomputed
 
 
+@pytest.mark.slow  # one compile of the PPO-clip pair step
+def test_ppo_clip_dpo_run(tmp_path):
+    assert cli.main(["dpo", *TINY, "--loss-type", "ppo_clip", "--ppo-epsilon", "0.1", "--num-steps", "3",
+                     "--learning-rate", "0.05", "--optimizer", "sgd", "--track-every", "3",
+                     "--out", str(tmp_path / "ppo")]) == 0
+    lines = read_metrics(tmp_path / "ppo")
+    assert lines[0]["loss"] == pytest.approx(0.0, abs=1e-6)  # ρ = 1 at the start: ℓ(y⁺) = −1, ℓ(y⁻) = +1
+    assert lines[0]["clip_fraction/rejected"] == 0.0 and all("clip_fraction/chosen" in l for l in lines)
+    assert (tmp_path / "ppo" / "tracking.jsonl").exists()
+    with pytest.raises(ConfigError, match="not with --on-policy"):
+        cli.main(["dpo", *TINY, "--loss-type", "ppo_clip", "--on-policy", "rejected", "--out", str(tmp_path / "x")])
+    with pytest.raises(ConfigError, match="ppo_epsilon"):
+        parse_config(DPOConfig, ["--ppo-epsilon", "0"])
+
+
 def test_judge_ranked_on_policy_flags_are_checked(tmp_path):
     cases = [(["--on-policy-candidates", "3"], "--on-policy is off"),
              (["--on-policy", "rejected", "--on-policy-candidates", "3"], "needs a judge"),

@@ -147,3 +147,64 @@ def test_negative_power_is_refused():
         sd.PreferenceObjective(negative_weight_power=-1.0)
     with pytest.raises(ValueError, match="negative_weight_power"):
         objectives.preference_objective(negative_weight_power=-0.5)
+
+
+# --- PPO-clip on preference pairs (objectives.ppo_clip_objective) -------------------------------------
+
+def test_ppo_clip_pairs_start_at_zero_with_the_token_mean_gradient(setup):
+    """At the start (policy = reference, ρ = 1, nothing clipped) the loss is 0 and its gradient is that of
+    −(mean_t log π(y⁺_t) − mean_t log π(y⁻_t)), averaged over pairs (autodiff of the plain formula)."""
+    model, _, _, pref, _ = setup
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ref = objectives.reference_logps(graphdef, params, rest, {k: np.asarray(v) for k, v in pref.items()
+                                                              if k.startswith(("chosen_", "rejected_"))},
+                                     batch_size=2, per_token=True)
+    batch = {**pref, **{k: jnp.asarray(v) for k, v in ref.items()}}
+    plain = {k: jnp.asarray(v) for k, v in objectives.reference_logps(
+        graphdef, params, rest, {k: np.asarray(v) for k, v in pref.items() if k.startswith(("chosen_", "rejected_"))},
+        batch_size=2).items()}
+    np.testing.assert_allclose(ref["ref_chosen_logps"], plain["ref_chosen_logps"], rtol=1e-5)  # row sums
+    loss_fn = objectives.ppo_clip_objective(epsilon=0.2)
+    loss, metrics = loss_fn(model, batch)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    assert float(metrics["clip_fraction/chosen"]) == 0.0 and float(metrics["clip_fraction/rejected"]) == 0.0
+
+    def by_hand(p):
+        m = nnx.merge(graphdef, p, rest)
+        total = 0.0
+        for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+            logits = m(pref[f"{side}_input_ids"], pref[f"{side}_attention_mask"])
+            tok = losses.token_logps(logits, pref[f"{side}_input_ids"], pref[f"{side}_loss_mask"])
+            total = total - sign * (tok.sum(-1) / losses.response_lengths(pref[f"{side}_loss_mask"])).mean()
+        return total
+
+    chex.assert_trees_all_close(engine_grad(model, batch, loss_fn), jax.grad(by_hand)(params), atol=1e-6, rtol=1e-5)
+
+
+def test_ppo_clip_pairs_stop_pushing_clipped_tokens(setup):
+    """Old log-probs moved so that some y⁻ tokens have ρ < 1 − ε: exactly those get no gradient (the logits
+    rows that predict them have zero gradient), the others keep theirs."""
+    model, apply_fn, params, pref, _ = setup
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    arrays = {k: np.asarray(v) for k, v in pref.items() if k.startswith(("chosen_", "rejected_"))}
+    ref = objectives.reference_logps(graphdef, params, rest, arrays, batch_size=2, per_token=True)
+    scored = np.asarray(pref["rejected_loss_mask"]).astype(bool)
+    scored[:, 0] = False
+    bump = np.zeros_like(ref["ref_rejected_token_logps"])
+    positions = np.argwhere(scored)[::2]  # every other scored rejected token: ρ = e^{-1} < 0.8 → clipped
+    bump[tuple(positions.T)] = 1.0
+    batch = {**pref, **{k: jnp.asarray(v) for k, v in ref.items()},
+             "ref_rejected_token_logps": jnp.asarray(ref["ref_rejected_token_logps"] + bump)}
+    _, metrics = objectives.ppo_clip_objective(epsilon=0.2)(model, batch)
+    assert float(metrics["clip_fraction/rejected"]) == pytest.approx(len(positions) / scored.sum())
+    logits = model(pref["rejected_input_ids"], pref["rejected_attention_mask"])
+
+    def loss_of_logits(z):
+        tok = losses.token_logps(z, pref["rejected_input_ids"], pref["rejected_loss_mask"])
+        return losses.clipped_surrogate(tok, batch["ref_rejected_token_logps"], -jnp.ones(2), scored.astype(np.float64),
+                                        epsilon=0.2).mean()
+
+    g = np.abs(np.asarray(jax.grad(loss_of_logits)(logits))).sum(-1)  # (B, T): row t−1 predicts token t
+    for b, t in np.argwhere(scored):
+        clipped = any((positions == (b, t)).all(1))
+        assert (g[b, t - 1] == 0) == clipped, (b, t, clipped)

@@ -154,10 +154,11 @@ class SFTConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataCo
 class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataConfig):
     """ldjax dpo: a preference loss against a frozen reference (the starting policy)."""
 
-    loss_type: str = field(default="sigmoid", metadata={"help": "any loss_type of ldjax.losses.preference_loss"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "any loss_type of ldjax.losses.preference_loss, or ppo_clip (the PPO-clip surrogate on the pairs, advantage +1 on y+ and -1 on y-, the reference as old policy: ldjax.train.objectives.ppo_clip_objective)"})
     beta: float = field(default=0.1, metadata={"help": "inverse temperature of the implicit reward"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing eps: sigmoid (cDPO), robust, exo_pair, aot, aot_pair, aot_unpaired and simpo use it; the other loss types ignore it"})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma"})
+    ppo_epsilon: float = field(default=0.2, metadata={"help": "clip range eps of --loss-type ppo_clip"})
     negative_weight_power: float = field(default=0.0, metadata={"help": "ldjax's probability-weighted negative gradient: alpha > 0 scales the push-down of each rejected token by pi(y-_t)^alpha (loss value unchanged), sparing tokens already in the valley; 0 = off (plain loss)"})
     on_policy: str = field(default="off", metadata={"help": "off (both responses from the data) | rejected (y+ from the data, y- sampled from the current policy: on-policy DPO / SPIN) | both (y+ and y- both sampled from the current policy)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature for on-policy responses"})
@@ -172,6 +173,8 @@ class DPOConfig(OptimizerConfig, LoopConfig, TrackingConfig, ModelConfig, DataCo
             raise ConfigError(f"on_policy: {self.on_policy!r} is not one of ('off', 'rejected', 'both')")
         if self.temperature <= 0:
             raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if not self.ppo_epsilon > 0:
+            raise ConfigError(f"ppo_epsilon: must be > 0, got {self.ppo_epsilon}")
         if self.on_policy_candidates < 1:
             raise ConfigError(f"on_policy_candidates: must be >= 1, got {self.on_policy_candidates}")
         if self.on_policy_judge not in ("none", "world"):

@@ -132,14 +132,61 @@ def preference_objective(loss_type: str = "sigmoid", *, beta: float = 0.1, label
     return loss_fn
 
 
+PPO_CLIP = "ppo_clip"
+
+
+def ppo_clip_objective(*, epsilon: float = 0.2) -> Callable:
+    """The PPO-clip surrogate on preference pairs, against the starting (reference) policy.
+
+    Each pair is two sequences with advantage ``Â = +1`` (y⁺) and ``Â = −1`` (y⁻); the old
+    policy of the importance ratio is the reference ``π_ref`` (token log-probs
+    ``ref_{chosen,rejected}_token_logps`` (B, T), :func:`reference_logps` with
+    ``per_token=True``). Per pair: :func:`ldjax.losses.clipped_surrogate` of y⁺ plus that of
+    y⁻ (token means). Its residual coefficient is ``c_t = ρ_t Â / L`` until token ``t`` is
+    clipped (``ρ_t > 1 + ε`` on y⁺, ``ρ_t < 1 − ε`` on y⁻), then 0
+    (:func:`ldjax.losses.clipped_surrogate_coefficients`): a rejected token already pushed an
+    ε below the reference gets no more push-down. At the start ``ρ = 1`` and the loss is 0.
+
+    Metrics: ``clip_fraction/chosen``, ``clip_fraction/rejected`` (share of scored tokens whose
+    coefficient is 0), ``logps/chosen``, ``logps/rejected``.
+    """
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+
+    def side(model, batch, name, advantage):
+        ids = batch[f"{name}_input_ids"]
+        logits = _forward(model, ids, batch[f"{name}_attention_mask"])
+        logps = losses.token_logps(logits, ids, batch[f"{name}_loss_mask"])
+        mask = (batch[f"{name}_loss_mask"] != 0).at[:, 0].set(False).astype(logps.dtype)
+        old = batch[f"ref_{name}_token_logps"]
+        adv = jnp.full(ids.shape[:1], advantage, logps.dtype)
+        loss = losses.clipped_surrogate(logps, old, adv, mask, epsilon=epsilon)
+        coef = losses.clipped_surrogate_coefficients(jax.lax.stop_gradient(logps), old, adv, mask, epsilon=epsilon)
+        clipped = jnp.sum((coef == 0) * mask) / jnp.maximum(jnp.sum(mask), 1)
+        return loss, clipped, logps.sum(-1)
+
+    def loss_fn(model, batch: Batch):
+        loss_c, clip_c, logp_c = side(model, batch, "chosen", 1.0)
+        loss_r, clip_r, logp_r = side(model, batch, "rejected", -1.0)
+        return (loss_c + loss_r).mean(), {"clip_fraction/chosen": clip_c, "clip_fraction/rejected": clip_r,
+                                          "logps/chosen": logp_c.mean(), "logps/rejected": logp_r.mean()}
+
+    return loss_fn
+
+
 def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict[str, np.ndarray], *,
-                    batch_size: int = 32, mesh: jax.sharding.Mesh | None = None) -> dict[str, np.ndarray]:
+                    batch_size: int = 32, mesh: jax.sharding.Mesh | None = None,
+                    per_token: bool = False) -> dict[str, np.ndarray]:
     """``{ref_chosen_logps, ref_rejected_logps}`` (N,) float32 of a whole preference dataset.
 
     Computed once before preference training with the starting policy (which is the
     reference), so the train step never runs the reference model. The last chunk is padded
-    (with copies of row 0, then dropped) to keep one compiled shape.
+    (with copies of row 0, then dropped) to keep one compiled shape. ``per_token`` adds
+    ``ref_{chosen,rejected}_token_logps`` (N, T) (:func:`ldjax.losses.token_logps`; the
+    PPO-clip objective's old policy); their row sums are the sequence values.
     """
+    if per_token:
+        return _reference_token_logps(graphdef, params, rest, arrays, batch_size=batch_size, mesh=mesh)
     n = len(arrays["chosen_input_ids"])
     keys = [k for k in arrays if k.startswith(("chosen_", "rejected_"))]
     if mesh is not None:
@@ -161,3 +208,30 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict
         out_r.append(np.asarray(r)[valid])
     return {"ref_chosen_logps": np.concatenate(out_c).astype(np.float32),
             "ref_rejected_logps": np.concatenate(out_r).astype(np.float32)}
+
+
+def _reference_token_logps(graphdef, params, rest, arrays, *, batch_size, mesh) -> dict[str, np.ndarray]:
+    n = len(arrays["chosen_input_ids"])
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    out: dict[str, np.ndarray] = {}
+    for side in ("chosen", "rejected"):
+        keys = [f"{side}_input_ids", f"{side}_attention_mask", f"{side}_loss_mask"]
+
+        @jax.jit
+        def run(params, rest, ids, att, mask):
+            logits = _forward(nnx.merge(graphdef, params, rest), ids, att)
+            return losses.token_logps(logits, ids, mask)
+
+        rows = []
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, start + batch_size)
+            valid = idx < n
+            batch = {k: np.asarray(arrays[k])[np.where(valid, idx, 0)] for k in keys}
+            if mesh is not None:
+                batch = sharding_lib.shard_batch(batch, mesh)
+            rows.append(np.asarray(sharding_lib.gather(run(params, rest, *(batch[k] for k in keys))))[valid])
+        tokens = np.concatenate(rows).astype(np.float32)
+        out[f"ref_{side}_token_logps"] = tokens
+        out[f"ref_{side}_logps"] = tokens.sum(-1)
+    return out
