@@ -18,10 +18,13 @@ DPO runs of the same length and optimizer:
 - ``ipo``, ``hinge``, ``simpo`` — off-policy, the library's loss types (``DPOConfig.loss_type``);
   β is the pipeline's except for SimPO (``simpo_beta``, its own scale: length-normalised log-probs).
 
-The **PPO-clip surrogate** is not a preference loss type of :func:`ldjax.losses.preference_loss`, so
-PPO-clip training is not run (it needs rollouts with advantages, a loop ldjax does not have yet); its
-residual coefficient is drawn analytically from :func:`ldjax.losses.clipped_surrogate_coefficients`
-(``c = ρÂ`` while unclipped, 0 once clipped) beside the measured ones.
+``ppo_clip`` — the **PPO-clip surrogate** trained on the same pairs (``ldjax dpo --loss-type
+ppo_clip``, :func:`ldjax.train.objectives.ppo_clip_objective`): advantage +1 on y⁺ and −1 on y⁻, the
+reference as the old policy of the token ratios. Its coefficient is per token (``c = ρÂ/L`` while
+unclipped, 0 once clipped; :func:`ldjax.losses.clipped_surrogate_coefficients`), drawn analytically
+beside the measured ones, with the run's logged share of clipped tokens over training. (A full
+rollout loop — sampled responses, judge rewards, group advantages, several PPO epochs per batch —
+is not built.)
 
 Measured (probe pairs = the tracker's training probes, their data y⁺/y⁻ for every run): Δ of the
 argmax path y* along chosen, of chosen, of rejected and of ‖A‖_F along chosen (peakedness) from
@@ -59,10 +62,10 @@ from ldjax.config import parse_config, to_dict
 EXPERIMENT = "on_policy"
 TOL = 0.1  # nats
 COEF_TOL = 1e-6
-RUNS = ("sigmoid", "sigmoid_on", "sigmoid_ranked", "ipo", "hinge", "simpo")
+RUNS = ("sigmoid", "sigmoid_on", "sigmoid_ranked", "ipo", "hinge", "simpo", "ppo_clip")
 LABELS = {"sigmoid": "sigmoid DPO (off-policy y⁻)", "sigmoid_on": "sigmoid DPO (on-policy y⁻)",
           "sigmoid_ranked": "sigmoid DPO (on-policy y⁻, judge-ranked worst of k)", "ipo": "IPO",
-          "hinge": "hinge (SLiC)", "simpo": "SimPO"}
+          "hinge": "hinge (SLiC)", "simpo": "SimPO", "ppo_clip": "PPO-clip on the pairs (Â = ±1, old = reference)"}
 ON_POLICY = ("sigmoid_on", "sigmoid_ranked")
 Y_MINUS = {"sigmoid_on": "one on-policy sample / step", "sigmoid_ranked": "worst of k on-policy samples / step (world judge)"}
 REFERENCE_FILE = "probe_reference.json"
@@ -77,7 +80,7 @@ class Config(DPOExperimentConfig):
     runs: tuple[str, ...] = dataclasses.field(default=RUNS, metadata={"help": f"which DPO runs ({', '.join(RUNS)})"})
     simpo_beta: float = dataclasses.field(default=2.0, metadata={"help": "SimPO's β (its log-probs are per token; SimPO paper: 2–2.5)"})
     simpo_gamma: float = dataclasses.field(default=0.5, metadata={"help": "SimPO's target margin γ"})
-    ppo_epsilon: float = dataclasses.field(default=0.2, metadata={"help": "PPO clip ε of the analytic coefficient curve"})
+    ppo_epsilon: float = dataclasses.field(default=0.2, metadata={"help": "PPO clip ε of the ppo_clip run and of the analytic coefficient curve"})
     candidates: int = dataclasses.field(default=4, metadata={"help": "sigmoid_ranked: on-policy samples per prompt and step, the lowest-judged kept as y⁻"})
 
     def __post_init__(self):
@@ -101,6 +104,8 @@ def run_settings(run: str, config: Config, beta: float) -> dict[str, Any]:
                 "on_policy_judge": "world"}
     if run == "simpo":
         return {"loss_type": "simpo", "beta": config.simpo_beta, "simpo_gamma": config.simpo_gamma}
+    if run == "ppo_clip":
+        return {"loss_type": "ppo_clip", "ppo_epsilon": config.ppo_epsilon}
     return {"loss_type": run, "beta": beta}
 
 
@@ -143,6 +148,14 @@ def job_options(stage) -> dict[str, Any]:
 def read_records(stage) -> list[dict[str, Any]]:
     from ldjax.tracking import read_tracking
     return read_tracking(stage.tracking_file)
+
+
+def clip_fractions(stage) -> dict[str, list[float]]:
+    """``{steps, chosen, rejected}``: the ppo_clip job's logged share of clipped (zero-coefficient) tokens."""
+    rows = [json.loads(line) for line in (stage.out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "clip_fraction/rejected" in r]
+    return {"steps": [r["step"] for r in rows], "chosen": [r["clip_fraction/chosen"] for r in rows],
+            "rejected": [r["clip_fraction/rejected"] for r in rows]}
 
 
 # ------------------------------------------------------------------------------ arithmetic
@@ -329,7 +342,19 @@ def claims(per_seed: dict[str, list[dict[str, float]]], checks: dict[str, list[f
                                  d_rejected=effect([o["d_rejected"] for o in outs]),
                                  d_a_norm=effect([o["d_a_norm"] for o in outs]), seeds_squeezing=sum(ok)),
                           tuple(seeds)))
+    if "sigmoid" in per_seed and "ppo_clip" in per_seed:
+        off, ppo = per_seed["sigmoid"], per_seed["ppo_clip"]
+        d_star = [b["d_argmax"] - a["d_argmax"] for a, b in zip(off, ppo)]
+        rows.append(Claim(EXPERIMENT, "PPO-clip's clipping caps the squeeze (a y⁻ token pushed ε below the reference "
+                                      "gets no more push-down): y* rises less than with sigmoid DPO (Δy* ppo_clip − "
+                                      "sigmoid, nats)", "paper", max(d_star) < -TOL,
+                          effect(d_star, ppo_clip=effect([o["d_argmax"] for o in ppo]),
+                                 sigmoid=effect([o["d_argmax"] for o in off]),
+                                 d_rejected_ppo_clip=effect([o["d_rejected"] for o in ppo]),
+                                 d_rejected_sigmoid=effect([o["d_rejected"] for o in off])), tuple(seeds)))
     for run, gaps in checks.items():
+        if not gaps:  # (ppo_clip: no sequence coefficient is tracked)
+            continue
         how = ("the logged min/max margin (c is monotone in d; only spreads are logged for this shared job)"
                if run == "sigmoid" else "each probe pair's logged log-probs, reference log-probs and lengths")
         rows.append(Claim(EXPERIMENT, f"{LABELS[run]}: the tracked residual coefficients c± equal "
@@ -368,7 +393,7 @@ def plot_squeeze(curves: dict[str, list[dict[str, Any]]], path: pathlib.Path) ->
 
 
 def plot_coefficients(points: dict[str, list[list[dict]]], options: dict[str, dict], epsilon: float,
-                      path: pathlib.Path) -> None:
+                      path: pathlib.Path, clip: list[dict[str, list]] | None = None) -> None:
     """c⁺ / c⁻ of every tracked probe pair against its margin (colour = DPO step), per loss type, with the
     analytic curve; PPO-clip's analytic coefficient over the token log-ratio in the last panel."""
     import matplotlib
@@ -414,8 +439,18 @@ def plot_coefficients(points: dict[str, list[list[dict]]], options: dict[str, di
     ax.plot(grid, neg, color="C0", label="c⁻ = ρÂ, Â = −1")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("token log-ratio log ρ", fontsize=8)
-    ax.set_title(f"PPO-clip (ε {epsilon:g}; analytic, not trained)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"PPO-clip (ε {epsilon:g})" + ("; inset: clipped share" if clip else ", analytic"),
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    if clip:  # the trained run: share of tokens whose coefficient is 0 (clipped), per seed
+        inset = ax.inset_axes([0.1, 0.1, 0.38, 0.33])  # (the empty lower left)
+        for c in clip:
+            inset.plot(c["steps"], c["rejected"], color="C0", lw=0.8)
+            inset.plot(c["steps"], c["chosen"], color="C3", lw=0.8)
+        inset.set_title("clipped share of y⁻ (blue), y⁺ (red)", fontsize=6)
+        inset.set_ylim(0, 1)
+        inset.tick_params(labelsize=6)
+        inset.set_xlabel("DPO step", fontsize=6)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -436,6 +471,7 @@ def main(config: Config) -> dict[str, Any]:
     per_seed: dict[str, list] = {r: [] for r in runs}
     points: dict[str, list] = {r: [] for r in runs}
     checks: dict[str, list] = {r: [] for r in runs}
+    clip: dict[str, list] = {r: [] for r in runs if r == "ppo_clip"}
     options: dict[str, dict] = {}
     seconds: dict[str, list] = {r: [] for r in runs}
     peaks = []
@@ -451,12 +487,16 @@ def main(config: Config) -> dict[str, Any]:
             ref_file = stage.out / REFERENCE_FILE
             reference = json.loads(ref_file.read_text()) if ref_file.exists() else None
             records = read_records(stage)
-            q = recompute(records, reference, options[run])
-            points[run].append([{k: p[k] for k in ("step", "x", "scaled_chosen", "scaled_rejected")} for p in q])
-            checks[run].append(coefficient_gap(records, q))
+            if run == "ppo_clip":  # per-token coefficients: the clipped share of tokens is what is logged
+                clip[run].append(clip_fractions(stage))
+            else:
+                q = recompute(records, reference, options[run])
+                points[run].append([{k: p[k] for k in ("step", "x", "scaled_chosen", "scaled_rejected")} for p in q])
+                checks[run].append(coefficient_gap(records, q))
             o = per_seed[run][-1]
             print(f"[on_policy] seed {seed} {run}: Δy* {o['d_argmax']:+.2f}, Δchosen {o['d_chosen']:+.2f}, "
-                  f"Δrejected {o['d_rejected']:+.2f}, Δ‖A‖ {o['d_a_norm']:+.3f}, coef gap {checks[run][-1]:.1e} "
+                  f"Δrejected {o['d_rejected']:+.2f}, Δ‖A‖ {o['d_a_norm']:+.3f}, coef gap "
+                  f"{checks[run][-1] if checks[run] else float('nan'):.1e} "
                   f"({stage.seconds:.0f} s{', cached' if stage.reused else ''})", file=sys.stderr, flush=True)
         if "sigmoid_on" in runs:
             from ldjax.train.config import DPOConfig
@@ -468,10 +508,11 @@ def main(config: Config) -> dict[str, Any]:
     rows = claims(per_seed, checks, peaks, seeds)
     write_claims(out, rows)
     plot_squeeze(curves, out / "squeeze.png")
-    plot_coefficients(points, options, config.ppo_epsilon, out / "coefficients.png")
+    plot_coefficients(points, options, config.ppo_epsilon, out / "coefficients.png", clip.get("ppo_clip"))
     wall = time.perf_counter() - t0
     results = {"config": to_dict(config), "pipeline": to_dict(pcfg), "dpo_overrides": overrides, "seeds": seeds,
                "options": options, "per_seed": per_seed, "coefficient_gap": checks, "negative_peak": peaks,
+               "clip_fractions": clip,
                "curves": {r: [{k: v for k, v in c.items() if k != "decompose"} for c in cs] for r, cs in curves.items()},
                "coefficient_points": points, "job_seconds": seconds, "wall_s": wall}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -506,9 +547,10 @@ def report(config, pcfg, overrides, options, per_seed, peaks, rows, seconds, wal
               "is ±β until βd = 1 and then exactly 0; IPO's c·L = ∓2(h − 1/(2β)) is linear in the length-normalised "
               "margin h and *changes sign* past its target (y⁻ is pulled back up); SimPO's is sigmoid's on the "
               "length-normalised, reference-free margin shifted by γ. PPO-clip (last panel, analytic from "
-              "`ldjax.losses.clipped_surrogate_coefficients`; **not trained**: it is not a preference loss type and "
-              "ldjax has no rollout/advantage loop yet): c = ρÂ while unclipped, 0 once the token's ratio leaves "
-              "[1 − ε, 1 + ε] in the direction of Â, so a negative token already pushed below 1 − ε gets no more push-down.",
+              "`ldjax.losses.clipped_surrogate_coefficients`; its trained run on the pairs, Â = ±1 against the "
+              "reference, logs the share of clipped tokens, the inset): c = ρÂ while unclipped, 0 once the token's "
+              "ratio leaves [1 − ε, 1 + ε] in the direction of Â, so a negative token already pushed below 1 − ε gets "
+              "no more push-down.",
               ""]
     if peaks:
         keys = [k for k in ("chosen", "off_policy", "on_policy") if k in peaks[0]]
@@ -543,6 +585,12 @@ def explain(row: Claim, per_seed, peaks) -> str:
                 "removes mass from where the model already puts it — the peak competes with the negative itself "
                 "rather than absorbing the negative's mass; with a tiny model and few steps the two runs can end "
                 "close together.")
+    if row.claim.startswith("PPO-clip's clipping"):
+        return (head + f" (Δy*: ppo_clip {v['ppo_clip']['mean']:+.3g}, sigmoid {v['sigmoid']['mean']:+.3g}; Δ of y⁻: "
+                f"ppo_clip {v['d_rejected_ppo_clip']['mean']:+.3g}, sigmoid {v['d_rejected_sigmoid']['mean']:+.3g}). "
+                "The clip stops each y⁻ token's push once its ratio falls below 1 − ε (the inset of figure 2 gives the "
+                "clipped share over training); how much y* gains before that depends on how far below the reference "
+                "the run pushes y⁻, measured beside.")
     if row.claim.startswith("judge-ranked"):
         ranked = per_seed["sigmoid_ranked"]
         return (head + f" (ranked run: Δy* {v['ranked']['mean']:+.3g}, Δchosen "

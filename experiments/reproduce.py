@@ -70,7 +70,7 @@ CPU_SCALE: dict[str, dict[str, Any]] = {
     "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE,
     "mitigation": dict(DPO_SCALE, powers=(0.5,)),  # (α = 1 beside it: python -m experiments.mitigation)
     # IPO and hinge are left to `python -m experiments.on_policy` (IPO collapses every family at this lr)
-    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "sigmoid_ranked", "simpo")),
+    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "sigmoid_ranked", "simpo", "ppo_clip")),
     "influence_matrix": dict(prompts=6, steps=3),
     "token_squeeze": dict(widths=(64,), heads=("untied",), contexts=6, halvings=6),
     # (the head-only control is dpo_dynamics' head-only DPO, with 3 seeds)
