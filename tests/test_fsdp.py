@@ -94,7 +94,7 @@ def lm_batches(n_steps, seed):
     return out
 
 
-OPTIMIZER = optax.sgd(0.05, momentum=0.9)  # a momentum trace: optimizer state with the params' shapes
+OPTIMIZER = optax.sgd(0.02, momentum=0.9)  # a momentum trace: optimizer state with the params' shapes
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,7 +179,8 @@ def test_fsdp_trajectories_follow_one_device(objective):
         assert shard.size == V * 32 // sharding.axis_size(mesh, sharding.FSDP_AXIS)  # really 1/fsdp per device
         other, losses = trajectory(objective, name)
         # float32; only the order of the gradient sums differs (and XLA's tiling). Measured max
-        # |diff| after 20 steps: see the report; 1e-5 is the bound the issue asks for.
+        # |diff| after 20 steps (2-core CPU): 4.8e-7 to 8.0e-7 on params that moved by 0.25 (DPO)
+        # and 0.65 (SFT); at lr 0.05 it reached 8.9e-6, too close to the bound, hence lr 0.02.
         for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(other.params)):
             np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5)
         np.testing.assert_allclose(losses, losses1, rtol=1e-5, atol=1e-6)
