@@ -250,13 +250,9 @@ def check_usage(command: str, config) -> None:
     if config.fsdp < 1 or devices % config.fsdp:
         refuse(f"--fsdp {config.fsdp} does not divide the {devices} devices of the mesh",
                f"pass an --fsdp that divides {devices} (1 = plain data parallelism), or change --num-devices")
-    data_devices = devices // config.fsdp
-    if config.batch_size % data_devices:
-        what = (f"the {devices} devices of the data mesh" if config.fsdp == 1 else
-                f"the {data_devices} devices of the mesh's data axis (--num-devices {devices} / --fsdp {config.fsdp})")
-        refuse(f"--batch-size {config.batch_size} is not a multiple of {what}",
-               "choose a --batch-size that --num-devices divides" if config.fsdp == 1 else
-               "choose a --batch-size that the data axis divides, or a larger --fsdp")
+    if config.batch_size % devices:  # every device computes its own rows, fsdp devices too
+        refuse(f"--batch-size {config.batch_size} is not a multiple of the {devices} devices of the mesh",
+               "choose a --batch-size that --num-devices divides")
     from ldjax.data.preference import PREFERENCE_FORMATS
     if config.data_format not in ("auto",) + PREFERENCE_FORMATS:
         refuse(f"--data-format {config.data_format!r} is not one of {('auto',) + PREFERENCE_FORMATS}",
@@ -601,7 +597,7 @@ def describe_error(exc: BaseException, command: str) -> tuple[int, str] | None:
     if isinstance(exc, TrackingMismatch):
         return 2, f"{message} — use another --out, or the tracking settings of the run in it"
     if isinstance(exc, ShardingError):
-        return 2, f"{message} — set --num-devices (and --fsdp) so that the data axis divides --batch-size"
+        return 2, f"{message} — set --num-devices so that it divides --batch-size"
     if isinstance(exc, (MissingDataPackageError, MnistFormatError)):
         return 2, message  # names the install step
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):

@@ -44,11 +44,14 @@ def test_make_mesh_shapes_and_refusals():
     assert sharding.data_size(mesh) == 2 and sharding.data_size(sharding.data_mesh()) == 8
     with pytest.raises(sharding.ShardingError, match="fsdp=3 does not divide the 8 devices"):
         sharding.make_mesh(fsdp=3)
-    with pytest.raises(sharding.ShardingError, match="data axis"):
-        sharding.shard_batch({"x": np.zeros((3, 2), np.float32)}, mesh)
-    batch = sharding.shard_batch({"x": np.arange(8.0, dtype=np.float32).reshape(4, 2)}, mesh)
-    assert batch["x"].sharding.spec == PartitionSpec("data")
-    assert {s.data.shape for s in batch["x"].addressable_shards} == {(2, 2)}  # split on data, whole on fsdp
+    assert sharding.batch_devices(mesh) == 8 and sharding.batch_devices(sharding.data_mesh()) == 8
+    with pytest.raises(sharding.ShardingError, match="multiple of the 8 devices of the mesh"):
+        sharding.shard_batch({"x": np.zeros((4, 2), np.float32)}, mesh)
+    batch = sharding.shard_batch({"x": np.arange(16.0, dtype=np.float32).reshape(8, 2)}, mesh)
+    assert batch["x"].sharding.spec == PartitionSpec(("data", "fsdp"))
+    # every device its own row: the fsdp devices are data-parallel too (ZeRO-3), no repeated work
+    rows = sorted(int(s.data[0, 0]) for s in batch["x"].addressable_shards)
+    assert {s.data.shape for s in batch["x"].addressable_shards} == {(1, 2)} and rows == list(range(0, 16, 2))
 
 
 def test_config_and_cli_refuse_an_fsdp_that_does_not_fit():
@@ -59,9 +62,11 @@ def test_config_and_cli_refuse_an_fsdp_that_does_not_fit():
     from ldjax import cli
     with pytest.raises(ConfigError, match="--fsdp 3 does not divide the 8 devices"):
         cli.check_usage("sft", SFTConfig(fsdp=3, batch_size=8))
-    with pytest.raises(ConfigError, match=r"--batch-size 6 is not a multiple of the 4 devices of the mesh's data axis"):
-        cli.check_usage("sft", SFTConfig(fsdp=2, batch_size=6))
-    cli.check_usage("sft", SFTConfig(fsdp=8, batch_size=3, num_devices=8))  # data axis of 1: any batch
+    with pytest.raises(ConfigError, match=r"--batch-size 12 is not a multiple of the 8 devices of the mesh"):
+        cli.check_usage("sft", SFTConfig(fsdp=2, batch_size=12))
+    with pytest.raises(ConfigError, match=r"--batch-size 4 is not a multiple of the 8 devices of the mesh"):
+        cli.check_usage("sft", SFTConfig(fsdp=8, batch_size=4, num_devices=8))  # fsdp devices split the batch too
+    cli.check_usage("sft", SFTConfig(fsdp=8, batch_size=16, num_devices=8))
     from ldjax.train.config import RESUMABLE_FIELDS
     assert {"fsdp", "num_devices", "distributed"} <= RESUMABLE_FIELDS
 

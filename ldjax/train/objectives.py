@@ -185,53 +185,38 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict
     ``ref_{chosen,rejected}_token_logps`` (N, T) (:func:`ldjax.losses.token_logps`; the
     PPO-clip objective's old policy); their row sums are the sequence values.
     """
-    if per_token:
-        return _reference_token_logps(graphdef, params, rest, arrays, batch_size=batch_size, mesh=mesh)
-    n = len(arrays["chosen_input_ids"])
     keys = [k for k in arrays if k.startswith(("chosen_", "rejected_"))]
+    if per_token:
+        @jax.jit
+        def run(params, rest, batch):
+            model = nnx.merge(graphdef, params, rest)
+            return tuple(losses.token_logps(_forward(model, batch[f"{s}_input_ids"], batch[f"{s}_attention_mask"]),
+                                            batch[f"{s}_input_ids"], batch[f"{s}_loss_mask"]) for s in ("chosen", "rejected"))
+    else:
+        @jax.jit
+        def run(params, rest, batch):
+            return policy_logps(nnx.merge(graphdef, params, rest), batch)
+
+    chosen, rejected = _over_rows(lambda batch: run(params, rest, batch), arrays, keys, batch_size, mesh)
+    out = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+    if per_token:
+        out = {"ref_chosen_token_logps": chosen, "ref_rejected_token_logps": rejected,
+               "ref_chosen_logps": chosen.sum(-1), "ref_rejected_logps": rejected.sum(-1)}
+    return out
+
+
+def _over_rows(fn, arrays, keys, batch_size, mesh) -> tuple[np.ndarray, ...]:
+    """``fn(batch)`` (a tuple of per-row arrays) over every row of ``arrays`` in chunks of ``batch_size``,
+    concatenated as float32. The last chunk is padded with copies of row 0 (then dropped): one compiled shape."""
+    n = len(arrays[keys[0]])
     if mesh is not None:
         batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-
-    @jax.jit
-    def run(params, rest, batch):
-        return policy_logps(nnx.merge(graphdef, params, rest), batch)
-
-    out_c, out_r = [], []
+    parts = []
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         valid = idx < n
         batch = {k: np.asarray(arrays[k])[np.where(valid, idx, 0)] for k in keys}
         if mesh is not None:
             batch = sharding_lib.shard_batch(batch, mesh)
-        c, r = sharding_lib.gather(run(params, rest, batch))  # also when the rows span processes
-        out_c.append(np.asarray(c)[valid])
-        out_r.append(np.asarray(r)[valid])
-    return {"ref_chosen_logps": np.concatenate(out_c).astype(np.float32),
-            "ref_rejected_logps": np.concatenate(out_r).astype(np.float32)}
-
-
-def _reference_token_logps(graphdef, params, rest, arrays, *, batch_size, mesh) -> dict[str, np.ndarray]:
-    n = len(arrays["chosen_input_ids"])
-    if mesh is not None:
-        batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-    out: dict[str, np.ndarray] = {}
-    for side in ("chosen", "rejected"):
-        keys = [f"{side}_input_ids", f"{side}_attention_mask", f"{side}_loss_mask"]
-
-        @jax.jit
-        def run(params, rest, ids, att, mask):
-            logits = _forward(nnx.merge(graphdef, params, rest), ids, att)
-            return losses.token_logps(logits, ids, mask)
-
-        rows = []
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, start + batch_size)
-            valid = idx < n
-            batch = {k: np.asarray(arrays[k])[np.where(valid, idx, 0)] for k in keys}
-            if mesh is not None:
-                batch = sharding_lib.shard_batch(batch, mesh)
-            rows.append(np.asarray(sharding_lib.gather(run(params, rest, *(batch[k] for k in keys))))[valid])
-        tokens = np.concatenate(rows).astype(np.float32)
-        out[f"ref_{side}_token_logps"] = tokens
-        out[f"ref_{side}_logps"] = tokens.sum(-1)
-    return out
+        parts.append([np.asarray(x)[valid] for x in sharding_lib.gather(fn(batch))])  # also across processes
+    return tuple(np.concatenate(col).astype(np.float32) for col in zip(*parts))

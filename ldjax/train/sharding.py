@@ -1,11 +1,12 @@
 """Data parallelism and FSDP over a ``jax.sharding.Mesh`` with axes ``("data", "fsdp")``.
 
 * :func:`data_mesh`: a 1-D ``"data"`` mesh, batch split on ``"data"``, params replicated.
-* :func:`make_mesh`: the 2-D ``("data", "fsdp")`` mesh. The batch is split over ``"data"``
-  only (replicated over ``"fsdp"``); each parameter, its gradient and its optimizer moments
-  are split over ``"fsdp"`` along the axis :func:`fsdp_partition_spec` picks (the largest
-  divisible one), scalars and indivisible shapes replicated. ``fsdp=1`` is plain data
-  parallelism (every spec is ``PartitionSpec()``).
+* :func:`make_mesh`: the 2-D ``("data", "fsdp")`` mesh. The batch is split over **both**
+  axes, every device computing its own rows (ZeRO-3 / FSDP as in MaxText: the fsdp devices
+  are data-parallel too, they only also split the parameters); each parameter, its gradient
+  and its optimizer moments are split over ``"fsdp"`` along the axis
+  :func:`fsdp_partition_spec` picks (the largest divisible one), scalars and indivisible
+  shapes replicated. ``fsdp=1`` is plain data parallelism (every spec is ``PartitionSpec()``).
 
 The same code runs on one CPU, on 8 fake host devices (tests), on a TPU/GPU and on several
 processes joined by ``jax.distributed`` (:mod:`ldjax.train.distributed`): the train step is
@@ -71,13 +72,23 @@ def axis_size(mesh: Mesh, axis: str) -> int:
 
 
 def data_size(mesh: Mesh) -> int:
-    """Devices the batch is split over (the ``"data"`` axis)."""
+    """Devices along the ``"data"`` axis (replicas of each parameter shard)."""
     return axis_size(mesh, DATA_AXIS)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes the batch is split over: ``"data"`` and, on a 2-D mesh, ``"fsdp"``."""
+    return tuple(a for a in (DATA_AXIS, FSDP_AXIS) if a in mesh.axis_names)
+
+
+def batch_devices(mesh: Mesh) -> int:
+    """Devices the batch is split over (every device of the mesh): the batch must be a multiple."""
+    return int(np.prod([axis_size(mesh, a) for a in batch_axes(mesh)]))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over ``"data"``; other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over ``"data"`` × ``"fsdp"``; other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -99,17 +110,14 @@ def _put(x: Any, sharding: NamedSharding) -> jax.Array:
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Places each array of ``batch`` (a pytree, leading axis = examples) split over ``"data"``.
-
-    On a ``("data", "fsdp")`` mesh each row block is replicated over the ``"fsdp"`` devices of
-    its data group.
+    """Places each array of ``batch`` (a pytree, leading axis = examples) split over every
+    device of the mesh (``"data"`` × ``"fsdp"``).
 
     Raises:
-      ShardingError: an array's leading size is not a multiple of the ``"data"`` axis.
+      ShardingError: an array's leading size is not a multiple of the mesh's devices.
     """
-    n = data_size(mesh)
-    where = (f"the {n} devices of the mesh" if n == mesh.devices.size
-             else f"the {n} devices of the mesh's data axis ({mesh.devices.size} devices / fsdp {n and mesh.devices.size // n})")
+    n = batch_devices(mesh)
+    where = f"the {n} devices of the mesh"
 
     def put(path, x):
         x = np.asarray(x) if not isinstance(x, jax.Array) else x

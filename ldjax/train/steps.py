@@ -159,7 +159,7 @@ def make_train_step(
             compiled_for[key] = jax.jit(step, **kwargs)
         return compiled_for[key]
 
-    num_devices = 1 if mesh is None else sharding_lib.data_size(mesh)
+    num_devices = 1 if mesh is None else sharding_lib.batch_devices(mesh)
 
     def run(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         sizes = {x.shape[0] for x in jax.tree.leaves(batch)}
@@ -170,7 +170,7 @@ def make_train_step(
             raise ConfigError(f"batch size {size} is not a multiple of accumulation_steps={k}")
         if mesh is not None and size % num_devices:
             raise sharding_lib.ShardingError(f"batch size {size} is not a multiple of the {num_devices} devices of the "
-                                             f"mesh's data axis")
+                                             f"mesh")
         if mesh is not None:
             batch = sharding_lib.shard_batch(batch, mesh)
         return compiled_step(state)(state, batch, rest, constants)
