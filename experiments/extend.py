@@ -28,7 +28,7 @@ import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
 from experiments.dpo_dynamics import dpo_overrides, dpo_stage
-from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, read_curves
+from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, read_curves, seed_band
 from experiments.sft_dynamics import first_order_check, sft_stage
 from experiments.sharpness import outcome
 from ldjax.config import parse_config, to_dict
@@ -141,12 +141,7 @@ def plot(phases: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(FAMILIES), figsize=(11.5, 3.3))
     for ax, family in zip(axes, FAMILIES):
         for i, run in enumerate(phases):
-            ys = [np.asarray(p[family], float) for p in phases[run]]
-            n = min(len(y) for y in ys)
-            ys = np.stack([y[:n] for y in ys])
-            steps = np.asarray(phases[run][0]["steps"][:n])
-            ax.plot(steps, ys.mean(0), color=f"C{i}", label=run)
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+            seed_band(ax, phases[run][0]["steps"], [p[family] for p in phases[run]], color=f"C{i}", label=run)
         ax.axvline(next(iter(phases.values()))[0]["boundary"], color="grey", ls="--", lw=0.8)
         ax.set_title(f"log π({family}) — SFT | DPO", fontsize=9)
         ax.set_xlabel("step (SFT, then DPO)", fontsize=8)

@@ -333,6 +333,17 @@ def read_curves(stage: Stage) -> dict[str, Any]:
             "decompose": [(r["step"], r["decompose"]) for r in records if r.get("decompose")]}
 
 
+def seed_band(ax, steps, series, *, color, alpha: float = 0.2, **plot_kw) -> None:
+    """One curve over seeds on ``ax``: the mean of ``series`` (one 1-D array per seed, cut to the
+    shortest) against ``steps``, with the min–max band in the same colour."""
+    import numpy as np
+    n = min(len(y) for y in series)
+    ys = np.stack([np.asarray(y, float)[:n] for y in series])
+    x = np.asarray(steps[:n])
+    ax.plot(x, ys.mean(0), color=color, **plot_kw)
+    ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=alpha)
+
+
 def plot_curves(curves_by_seed: list[dict[str, Any]], path: str | pathlib.Path, title: str) -> None:
     """One panel per probe family (plus ‖A‖_F and off-argmax log-mass along chosen): the change
     from step 0 of the mean log-prob, mean over seeds with a min–max band."""
@@ -346,15 +357,8 @@ def plot_curves(curves_by_seed: list[dict[str, Any]], path: str | pathlib.Path, 
     rows = -(-len(names) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        ys = []
-        for c in curves_by_seed:
-            y = np.asarray(c["logps"][name] if name in c["logps"] else c[name], float)
-            ys.append(y - y[0])
-        n = min(len(y) for y in ys)
-        ys = np.stack([y[:n] for y in ys])
-        steps = np.asarray(curves_by_seed[0]["steps"][:n])
-        ax.plot(steps, ys.mean(0), color="C0")
-        ax.fill_between(steps, ys.min(0), ys.max(0), color="C0", alpha=0.25)
+        ys = [np.asarray(c["logps"][name] if name in c["logps"] else c[name], float) for c in curves_by_seed]
+        seed_band(ax, curves_by_seed[0]["steps"], [y - y[0] for y in ys], color="C0", alpha=0.25)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(name, fontsize=9)
         ax.tick_params(labelsize=7)

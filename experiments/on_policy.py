@@ -55,7 +55,7 @@ import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
 from experiments.dpo_dynamics import dpo_overrides, dpo_stage
-from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, Pipeline, read_curves
+from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, Pipeline, read_curves, seed_band
 from experiments.sft_dynamics import sft_stage
 from ldjax.config import parse_config, to_dict
 
@@ -377,12 +377,8 @@ def plot_squeeze(curves: dict[str, list[dict[str, Any]]], path: pathlib.Path) ->
     for ax, (key, title) in zip(axes, panels):
         for i, run in enumerate(curves):
             ys = [np.asarray(c["a_norm"] if key == "a_norm" else c["logps"][key], float) for c in curves[run]]
-            ys = [y - y[0] for y in ys]
-            n = min(len(y) for y in ys)
-            ys = np.stack([y[:n] for y in ys])
-            steps = np.asarray(curves[run][0]["steps"][:n])
-            ax.plot(steps, ys.mean(0), color=f"C{i}", label=LABELS[run], ls="--" if run in ON_POLICY else "-")
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.15)
+            seed_band(ax, curves[run][0]["steps"], [y - y[0] for y in ys], color=f"C{i}", alpha=0.15,
+                      label=LABELS[run], ls="--" if run in ON_POLICY else "-")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("DPO step", fontsize=8)

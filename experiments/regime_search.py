@@ -289,7 +289,8 @@ def plot(results: dict[str, list[dict]], path: pathlib.Path) -> None:
         ax.tick_params(labelsize=8)
     axes[0].set_yticks(range(len(names)), names)
     axes[0].invert_yaxis()
-    fig.suptitle("DPO from SFT per regime (green: squeezes, y* rises and chosen falls; red: does not)", fontsize=10)
+    fig.suptitle("Full-parameter DPO per regime (from SFT unless the regime says otherwise; green: squeezes, y* rises and "
+                 "chosen falls; red: does not)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

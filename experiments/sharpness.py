@@ -31,7 +31,7 @@ import numpy as np
 
 from experiments.claims import Claim, claims_table, effect, write_claims
 from experiments.dpo_dynamics import dpo_overrides, dpo_stage
-from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, Pipeline, read_curves
+from experiments.lm_pipeline import DPOExperimentConfig, open_experiment, Pipeline, read_curves, seed_band
 from experiments.sft_dynamics import first_order_check, sft_stage
 from ldjax.config import parse_config, to_dict
 
@@ -116,11 +116,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], path: pathlib.Path) -> None:
     for ax, family in zip(axes, ("chosen", "rejected", "argmax_chosen")):
         for i, start in enumerate(STARTS):
             ys = [np.asarray(c["logps"][family], float) - c["logps"][family][0] for c in curves[start]]
-            n = min(len(y) for y in ys)
-            ys = np.stack([y[:n] for y in ys])
-            steps = np.asarray(curves[start][0]["steps"][:n])
-            ax.plot(steps, ys.mean(0), color=f"C{i}", label=f"{start} SFT")
-            ax.fill_between(steps, ys.min(0), ys.max(0), color=f"C{i}", alpha=0.2)
+            seed_band(ax, curves[start][0]["steps"], ys, color=f"C{i}", label=f"{start} SFT")
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_title(f"{family} (change from DPO start)", fontsize=9)
         ax.set_xlabel("DPO step", fontsize=8)
