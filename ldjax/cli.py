@@ -175,19 +175,26 @@ def check_lengths(config: DataConfig, model_config) -> None:
 # ------------------------------------------------------------------------------- model
 
 def build_model(config: ModelConfig, tokenizer_vocab: int, seed: int):
-    """``(model, tokenizer or None)``: a fresh tiny model, or one loaded from a directory."""
+    """``(model, tokenizer or None)``: a fresh tiny model, or one loaded from a directory.
+
+    Parameters are float32 (the master weights the optimizer updates); ``--compute-dtype
+    bfloat16`` runs the layers in bf16 on them, ``--remat`` rematerialises each block.
+    """
     from ldjax.models.transformer import CausalLM, TransformerConfig
+    compute = jnp.bfloat16 if getattr(config, "compute_dtype", "float32") == "bfloat16" else jnp.float32
+    remat = bool(getattr(config, "remat", False))
     if config.model == "tiny":
         tcfg = TransformerConfig.tiny(config.arch, vocab_size=tokenizer_vocab, hidden_size=config.d_model,
                                       num_layers=config.num_layers, num_heads=config.num_heads,
-                                      num_kv_heads=config.num_heads, intermediate_size=4 * config.d_model)
-        return CausalLM(tcfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32), None
+                                      num_kv_heads=config.num_heads, intermediate_size=4 * config.d_model, remat=remat)
+        return CausalLM(tcfg, rngs=nnx.Rngs(seed), dtype=compute, param_dtype=jnp.float32), None
     from ldjax.models.hf import load_pretrained
-    return load_pretrained(config.model, dtype=jnp.float32, param_dtype=jnp.float32)
+    return load_pretrained(config.model, dtype=compute, param_dtype=jnp.float32, remat=remat)
 
 
 def _model_signature(model) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(model.config)))
+    # remat changes memory, not values: a run may resume with it turned on or off
+    return {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(model.config))).items() if k != "remat"}
 
 
 def run_sources(config) -> dict[str, str]:

@@ -13,7 +13,7 @@ from ldjax.config import parse_config
 from ldjax.data.preference import SFTExample
 from ldjax.data.tokenize import TokenizationError, tokenize_sft
 from ldjax.train.checkpoint import CheckpointConfigMismatch, CheckpointError
-from ldjax.train.config import ConfigError, DPOConfig
+from ldjax.train.config import ConfigError, DPOConfig, SFTConfig
 
 TINY = ["--d-model", "16", "--num-layers", "1", "--num-heads", "2", "--max-length", "48", "--max-prompt-length", "20",
         "--world-entities", "8", "--world-train", "8", "--world-test", "4", "--world-pretrain", "16",
@@ -96,6 +96,25 @@ def test_judge_ranked_on_policy_flags_are_checked(tmp_path):
     assert not (tmp_path / "never").exists()
     with pytest.raises(ConfigError, match="on_policy_judge"):
         parse_config(DPOConfig, ["--on-policy-judge", "gpt4"])
+
+
+@pytest.mark.slow  # three compiles of a 3-step SFT
+def test_remat_and_bf16_compute(tmp_path):
+    """--remat gives the same trajectory (recomputing a block is the same arithmetic); --compute-dtype
+    bfloat16 runs the layers in bf16 on float32 master weights: close to float32, not equal."""
+    from safetensors.numpy import load_file
+    args = ["sft", *TINY, "--num-steps", "3", "--optimizer", "sgd", "--learning-rate", "0.05"]
+    runs = {}
+    for name, extra in (("f32", []), ("remat", ["--remat", "true"]), ("bf16", ["--compute-dtype", "bfloat16"])):
+        assert cli.main([*args, *extra, "--out", str(tmp_path / name)]) == 0
+        runs[name] = [l["loss"] for l in read_metrics(tmp_path / name)]
+    np.testing.assert_allclose(runs["remat"], runs["f32"], rtol=1e-6)
+    np.testing.assert_allclose(runs["bf16"], runs["f32"], rtol=3e-2)
+    assert runs["bf16"] != runs["f32"]  # the bf16 forward really ran
+    weights = load_file(str(tmp_path / "bf16" / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {np.dtype("float32")}  # master weights stay float32
+    with pytest.raises(ConfigError, match="compute_dtype"):
+        parse_config(SFTConfig, ["--compute-dtype", "float16"])
 
 
 def test_data_flag_reads_jsonl_and_reports_bad_lines(tmp_path):

@@ -120,6 +120,13 @@ class ModelConfig:
     d_model: int = field(default=64, metadata={"help": "tiny model width"})
     num_layers: int = field(default=2, metadata={"help": "tiny model depth"})
     num_heads: int = field(default=4, metadata={"help": "tiny model attention heads"})
+    remat: bool = field(default=False, metadata={"help": "rematerialise each transformer block in the backward pass (jax.checkpoint): activation memory of one block instead of all, one more forward per step"})
+    compute_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16: the dtype of the forward and backward passes; parameters and optimizer state stay float32 (master weights), log-softmax and losses run in float32"})
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"compute_dtype: {self.compute_dtype!r} is not one of ('float32', 'bfloat16')")
+        _chain_post_init(self, ModelConfig)
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,7 @@ def paper_rmsprop(**overrides) -> OptimizerConfig:
 # sets the trajectory (seeds, data, batch, lengths, optimizer, loss, model) and must match.
 # (Tracking another probe set into an existing tracking.jsonl is refused by the tracker itself.)
 RESUMABLE_FIELDS = frozenset({"num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                              "resume", "progress", "out", "num_devices", "fsdp", "distributed",
+                              "resume", "progress", "out", "num_devices", "remat", "fsdp", "distributed",
                               "track_every", "track_prompts", "track_batch_size"})
 
 
