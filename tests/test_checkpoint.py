@@ -169,7 +169,8 @@ def _changed(config, name):
     value = getattr(config, name)
     alternatives = {"optimizer": "sgd", "schedule": "cosine", "arch": "gpt_neox", "model": "runs/other/model",
                     "data": "pairs.jsonl", "data_format": "hh", "loss_type": "ipo", "on_policy": "rejected",
-                    "out": "runs/elsewhere", "world_rejected_style": "foreign", "distributed": "env"}
+                    "out": "runs/elsewhere", "world_rejected_style": "foreign", "distributed": "env",
+                    "compute_dtype": "bfloat16", "on_policy_judge": "world"}
     if name in alternatives:
         new = alternatives[name]
     elif isinstance(value, bool):
