@@ -1,7 +1,7 @@
 """``ldjax plan``: per-device memory of a finetuning job, from shapes only, and whether it fits.
 
     ldjax plan --model pythia-410m --command dpo --batch-size 4 --max-length 512 --optimizer rmsprop --device tpu-v5e
-    ldjax plan --model pythia-2.8b --num-devices 8 --fsdp 8 --device tpu-v4 --json
+    ldjax plan --model pythia-2.8b --batch-size 8 --num-devices 8 --fsdp 8 --device tpu-v4 --json
 
 Nothing is allocated: the parameters come from ``nnx.eval_shape`` of the real
 :class:`ldjax.models.transformer.CausalLM` built from the preset's (or directory's) config, the
@@ -23,9 +23,7 @@ the backward pass):
   the whole dataset with the starting policy once before training and the train step reads
   ``ref_chosen_logps`` / ``ref_rejected_logps`` from the batch (``--reference precomputed``);
   only on-policy DPO (``ldjax dpo --on-policy``) keeps reference weights during training.
-* **gathered parameters** (fsdp > 1): the all-gathered, full-size copies that a layer's
-  matmuls read — counted as the two largest block matrices whole (one in use, one
-  prefetched); the embedding and head stay vocabulary-sharded (:func:`gathered_bytes`).
+* **gathered parameters** (fsdp > 1): full-size copies of split matrices (:func:`gathered_bytes`).
 * **activations**: what the backward pass reads, for the rows on one device. Per block, with
   ``s`` sequences of ``T`` tokens, width ``D``, MLP width ``F``, ``H`` heads, compute bytes
   ``c``: GPT-NeoX keeps 9 (B, T, D) tensors (input, two norm outputs, q/k/v, rotated q/k,
@@ -37,23 +35,48 @@ the backward pass):
   DPO runs chosen and rejected: ``s = 2 × pairs``.
 * **batch**: the int32 token arrays (3 per sequence side) of the device's rows.
 
-Rows per device: the batch is split over the ``"data"`` axis (``--num-devices / --fsdp``) and
-into ``--accumulation-steps`` micro-batches. The train step keeps each data shard whole over the
-``"fsdp"`` axis (:mod:`ldjax.train.sharding`), but XLA's SPMD partitioner then splits the
-activations over the fsdp devices as well (measured on CPU: at fsdp = 8 the step's temporary
-memory is close to that of 1/8 of the rows on the test's shapes, less split on others — below); ``--fsdp-activations
-split`` (the default) counts ``rows / fsdp`` per device, ``whole`` the conservative bound.
+Rows per device: the batch is split over every device of the mesh (``"data"`` × ``"fsdp"``,
+ZeRO-3 as in MaxText, :mod:`ldjax.train.sharding`) and into ``--accumulation-steps``
+micro-batches: ``rows = batch / (num_devices × accumulation)``; the batch must be a multiple of
+``num_devices × accumulation``. DPO counts the one concatenated pass over chosen and rejected
+that ldjax runs on an accelerator (``s = 2 × pairs``).
+
+What XLA holds under FSDP (fsdp > 1), read from the buffer assignment and live ranges of the
+compiled step (``--xla_dump_to``) of the tiny configs below. Each device computes its own rows,
+so every matmul needs its whole weight or the fsdp group's rows. XLA's SPMD partitioner
+all-gathers one operand per matmul:
+
+* the attention matrices (split on their input axis by the rule) are all-gathered full-size
+  in the forward pass and the full copies of *every* layer stay live into the backward pass
+  (no remat: XLA reuses them rather than gathering again). In the backward pass each weight
+  gradient ``dW = x^T dy`` of a gathered matrix is produced full-size (a partial sum over the
+  device's rows) and held until it is reduce-scattered, so at the peak — the end of the forward
+  pass or, with a large fsdp group, the end of the backward pass — about one full copy of
+  these matrices is live, as gathered weights or as full-size gradients;
+* a matrix split on its output axis (MLP up/gate, output head; with them the MLP down
+  projection and the embedding) is gathered the same way, *unless* the fsdp group's input
+  activation is smaller: then XLA all-gathers the activation (``fsdp × rows × T × D``) and
+  runs the matmul split over the output features, as tensor parallelism does, and the matrix
+  and its gradient stay split. The plan applies the comparison XLA makes (the smaller
+  operand moves): MLP gathered unless ``fsdp × s × T × c < F × p``, embedding/head unless
+  ``fsdp × s × T × c < V × p`` (``c``/``p``: compute/parameter bytes);
+* parameters, optimizer moments and the reduce-scattered gradients stay split by
+  :func:`ldjax.train.sharding.fsdp_partition_spec`; the activations are those of the device's
+  own rows.
 
 Checked (``tests/test_memory_plan.py``) against XLA's own buffer assignment of the compiled
 train step (``compiled.memory_analysis()``: arguments + outputs not aliased + temporaries) of
-tiny models on CPU: within 5 % on one device (SFT and DPO, GPT-NeoX and Qwen2, with gradient
-accumulation, data-parallel on 8 devices) and at fsdp = 8 on 8 fake devices (+2 %). FSDP
-activations are the least certain part: XLA's SPMD partitioner decides how far it splits them.
-Over other small shapes at fsdp > 1 the plan measured -45 % to +2 % against XLA (it
-*under*-estimates when XLA splits the activations less than over all fsdp devices: -45 % for a
-d = 64, T = 128 model, -19 % at d = 256, T = 64, -33 % for a DPO step at fsdp 2 x data 4);
-``--fsdp-activations whole`` is the upper bound. The CPU
-compiler ignores rematerialisation (its temporaries are the same with and without
+tiny models on CPU (8 fake devices; ``d = 256`` = a GPT-NeoX of width 256, 4 layers, F = 1024,
+V = 512): one device SFT -5 %, DPO -5 %; data-parallel 8 DPO with accumulation 2 +7 %; fsdp 8
+SFT -5 % (d = 64, T = 128), SFT with accumulation 2 -16 % (d = 256), DPO +1 % (d = 256);
+data 2 × fsdp 4 DPO +20 %; data 4 × fsdp 2 SFT -3 %, DPO +5 %. **Not within 20 %: fsdp 8 DPO
+of the repository's tiny Qwen2 (d = 64, T = 64), -37 %**: there XLA gathers the group's
+activations for *every* matmul, attention included (16 KB kernels against 256 KB of
+activations), and runs the whole block split over features, with attention split over only
+gcd(4 heads, 8) = 4 devices for all 16 sequences of the group; the plan's rule keeps attention
+weight-gathered and does not predict that choice. Which operand XLA moves is its
+partitioner's decision; the plan reproduces it only through the size comparison above. The
+CPU compiler ignores rematerialisation (its temporaries are the same with and without
 ``--remat``), so the remat formula is not checked there.
 """
 from __future__ import annotations
@@ -65,6 +88,7 @@ import json
 import math
 import pathlib
 import sys
+from unittest import mock
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -133,7 +157,6 @@ class PlanConfig:
     remat: bool = field(default=False, metadata={"help": "rematerialise each block (TransformerConfig.remat): keep one block input per layer"})
     num_devices: int = field(default=1, metadata={"help": "devices of the mesh N"})
     fsdp: int = field(default=1, metadata={"help": "devices on the 'fsdp' axis M (must divide N); the 'data' axis is N / M"})
-    fsdp_activations: str = field(default="split", metadata={"help": "fsdp > 1: 'split' counts rows/fsdp activations per device (what XLA's SPMD partitioner was measured to do), 'whole' the data shard's rows whole (upper bound)"})
     accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     reference: str = field(default="precomputed", metadata={"help": "dpo: 'precomputed' (ldjax: reference log-probs scored once before training, no reference weights in the step) or 'model' (a frozen reference copy, e.g. on-policy DPO)"})
     device: str = field(default="tpu-v5e", metadata={"help": f"one of {', '.join(DEVICES)}"})
@@ -206,17 +229,66 @@ def sharded_bytes(tree: Any, fsdp: int) -> int:
     return int(total)
 
 
-def gathered_bytes(params: Any) -> int:
-    """Bytes of the full (all-gathered) copies an FSDP step holds at once: the two largest
-    parameters of the transformer blocks. The embedding and the output head are not counted:
-    split over their vocabulary axis, XLA computes the lookup and the logits vocabulary-sharded
-    instead of gathering them (measured on CPU)."""
+def _kernel_role(path) -> str:
+    """``"mlp"``, ``"vocab"`` (embedding / output head) or ``"attn"`` (the other block kernels)
+    for one parameter path; ``""`` for a vector (norm scales, biases)."""
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if any(k in ("embed", "lm_head") for k in keys):
+        return "vocab"
+    if "mlp" in keys:
+        return "mlp"
+    return "attn"
+
+
+def gathered_bytes(params: Any, fsdp: int, group_tokens: float, compute_dtype: str = "float32") -> dict[str, int]:
+    """The full-size parameter copies an FSDP step holds (ZeRO-3 as XLA's SPMD partitioner
+    compiles it; module docstring).
+
+    Every split matrix is either all-gathered before its matmul (its full copy kept from the
+    forward pass into the backward pass, then replaced by its full-size weight gradient until
+    that is reduce-scattered) or left split while the *activation* is all-gathered over the
+    fsdp group instead (the matmul then runs split over the output axis, as tensor
+    parallelism). XLA moves the smaller operand: the MLP's matrices stay split when the fsdp
+    group's input rows ``group_tokens × hidden × c`` are smaller than the up-projection
+    ``hidden × intermediate × p``; the embedding and output head when they are smaller than
+    ``hidden × vocab × p``; the attention matrices (split on their input axis) are gathered.
+
+    Args:
+      params: the parameter tree (``ShapeDtypeStruct`` leaves).
+      fsdp: devices on the ``"fsdp"`` axis.
+      group_tokens: tokens of one micro-batch's forward pass on the fsdp group (rows per
+        device × fsdp × length).
+      compute_dtype: the activations' dtype.
+
+    Returns:
+      ``{"attn": ..., "mlp": ..., "vocab": ...}`` full bytes gathered per group (0 for a group
+      that stays split).
+    """
     import jax
     import numpy as np
-    sizes = sorted((math.prod(x.shape) * np.dtype(x.dtype).itemsize
-                    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
-                    if not any(str(getattr(k, "key", k)) in ("embed", "lm_head") for k in path)), reverse=True)
-    return int(sum(sizes[:2]))
+
+    from ldjax.train.sharding import fsdp_partition_spec
+    c = np.dtype(_dtype(compute_dtype)).itemsize
+    out = {"attn": 0, "mlp": 0, "vocab": 0}
+    if fsdp <= 1:
+        return out
+    mats: dict[str, list[tuple[tuple[int, ...], int]]] = {"attn": [], "mlp": [], "vocab": []}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if len(x.shape) < 2 or not any(a is not None for a in fsdp_partition_spec(tuple(x.shape), fsdp)):
+            continue  # vectors and replicated matrices: nothing to gather
+        mats[_kernel_role(path)].append((tuple(x.shape), np.dtype(x.dtype).itemsize))
+    for role, found in mats.items():
+        if not found:
+            continue
+        if role == "attn":
+            keep_split = False
+        else:  # compare the group's input activation with one matrix of the group
+            shape, p = max(found, key=lambda f: math.prod(f[0]))
+            hidden = min(shape)
+            keep_split = group_tokens * hidden * c < math.prod(shape) * p
+        if not keep_split:
+            out[role] = int(sum(math.prod(sh) * p for sh, p in found))
+    return out
 
 
 def _optimizer(config: PlanConfig):
@@ -334,12 +406,10 @@ def check(config: PlanConfig) -> None:
     if config.num_devices % config.fsdp:
         refuse(f"--fsdp {config.fsdp} does not divide --num-devices {config.num_devices}",
                "choose an --fsdp that divides --num-devices (the data axis is num_devices / fsdp)")
-    data = config.num_devices // config.fsdp
-    if config.batch_size % (data * config.accumulation_steps):
-        refuse(f"--batch-size {config.batch_size} is not a multiple of data axis {data} x --accumulation-steps "
-               f"{config.accumulation_steps}", "choose a --batch-size that both divide")
-    if config.fsdp_activations not in ("split", "whole"):
-        refuse(f"--fsdp-activations {config.fsdp_activations!r} is not one of ('split', 'whole')", "pass one of those")
+    if config.batch_size % (config.num_devices * config.accumulation_steps):
+        refuse(f"--batch-size {config.batch_size} is not a multiple of the {config.num_devices} devices of the mesh "
+               f"x --accumulation-steps {config.accumulation_steps} (every device computes its own rows, fsdp "
+               "devices too)", "choose a --batch-size that both divide")
     if config.reference not in ("precomputed", "model"):
         refuse(f"--reference {config.reference!r} is not one of ('precomputed', 'model')", "pass one of those")
     if config.momentum < 0:
@@ -380,15 +450,20 @@ def make_plan(config: PlanConfig) -> Plan:
         components.append(("gradient accumulator", param_b, f"sum over {config.accumulation_steps} micro-batches"))
     if config.command == "dpo" and config.reference == "model":
         components.append(("reference model", param_b, "frozen copy of the parameters (--reference model)"))
-    if m > 1:
-        components.append(("gathered parameters", gathered_bytes(params),
-                           "all-gathered full copies of the 2 largest block matrices (in use + prefetched)"))
 
-    data = config.num_devices // m
-    rows = config.batch_size / data / config.accumulation_steps
-    if m > 1 and config.fsdp_activations == "split":
-        rows = rows / m
+    rows = config.batch_size / config.num_devices / config.accumulation_steps
     sequences = rows * (2 if config.command == "dpo" else 1)
+    if m > 1:
+        gathered = gathered_bytes(params, m, sequences * m * config.max_length, config.compute_dtype)
+        names = [n for n in ("attn", "mlp", "vocab") if gathered[n]]
+        kept = [n for n in ("mlp", "vocab") if not gathered[n]]
+        what = ("full copies (then full-size gradients) of the " + " + ".join(
+            {"attn": "attention", "mlp": "MLP", "vocab": "embedding/head"}[n] for n in names) + " matrices, all layers"
+            if names else "none")
+        if kept:
+            what += "; " + " + ".join({"mlp": "MLP", "vocab": "embedding/head"}[n] for n in kept) + \
+                " stay split (activations gathered instead)"
+        components.append(("gathered parameters", int(sum(gathered.values())), what))
     act = activation_bytes(tcfg, sequences, config.max_length, config.compute_dtype, config.remat)
     blocks_what = (f"{tcfg.num_layers} blocks, {sequences:g} seq x {config.max_length} tokens"
                    + (" (remat: 1 input per block + 1 block)" if config.remat else ""))
@@ -396,10 +471,10 @@ def make_plan(config: PlanConfig) -> Plan:
     components.append(("activations: logits", int(round(act["logits"])),
                        f"float32 (B, T, V={tcfg.vocab_size}) logits and log-softmax"))
     arrays = 6 if config.command == "dpo" else 3
-    batch_rows = config.batch_size / data
+    batch_rows = config.batch_size / config.num_devices
     components.append(("batch", int(math.ceil(batch_rows * arrays * config.max_length * 4
                                               + (batch_rows * 8 if config.command == "dpo" else 0))),
-                       f"int32 token arrays of the data shard ({batch_rows:g} rows)"))
+                       f"int32 token arrays of the device's rows ({batch_rows:g})"))
     capacity = DEVICES[config.device][0]
     return Plan(config, count, sequences, components, capacity)
 
@@ -454,7 +529,11 @@ def measure_xla(config: PlanConfig) -> dict[str, int]:
     if config.command == "dpo":
         batch.update({k: jax.ShapeDtypeStruct((b,), jnp.float32, sharding=data)
                       for k in ("ref_chosen_logps", "ref_rejected_logps")})
-    stats = _jitted_step(step, state).lower(state, batch, rest, None).compile().memory_analysis()
+    # ldjax trains with jax_enable_x64 off; the DPO forward pass is the one concatenated pass
+    # over chosen and rejected that ldjax runs on an accelerator (on CPU it runs two).
+    concatenated = functools.partial(objectives.policy_logps, concatenate=True)
+    with jax.enable_x64(False), mock.patch.object(objectives, "policy_logps", concatenated):
+        stats = _jitted_step(step, state).lower(state, batch, rest, None).compile().memory_analysis()
     out = {"argument": int(stats.argument_size_in_bytes), "output": int(stats.output_size_in_bytes),
            "alias": int(stats.alias_size_in_bytes), "temp": int(stats.temp_size_in_bytes)}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]

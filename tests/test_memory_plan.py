@@ -63,7 +63,7 @@ def test_sharded_bytes_follow_the_rule():
 
 def test_plan_components_on_a_mesh():
     one = mp.make_plan(mp.PlanConfig(model="pythia-410m", optimizer="adam"))
-    eight = mp.make_plan(mp.PlanConfig(model="pythia-410m", optimizer="adam", num_devices=8, fsdp=8))
+    eight = mp.make_plan(mp.PlanConfig(model="pythia-410m", optimizer="adam", num_devices=8, fsdp=8, batch_size=8))
     c1, c8 = ({n: b for n, b, _ in p.components} for p in (one, eight))
     assert c1["parameters"] == 405_334_016 * 4
     assert 0 < c1["optimizer state"] - 2 * c1["parameters"] <= 16  # mu, nu and Adam's step count
@@ -71,7 +71,15 @@ def test_plan_components_on_a_mesh():
     assert c8["parameters"] == mp.sharded_bytes(params, 8)
     # Every Pythia-410M matrix and vector has an axis that 8 divides: exactly 1/8 on each device.
     assert c8["parameters"] * 8 == c1["parameters"]
-    assert c8["gradients"] == c8["parameters"] and "gathered parameters" in c8
+    assert c8["gradients"] == c8["parameters"]
+    # ZeRO-3: every attention matrix gathered full-size (kept for the backward pass); XLA moves
+    # the smaller operand, so the MLP (1024 x 4096) is gathered unless the fsdp group's tokens
+    # x 1024 are fewer bytes (< 4096 tokens), the embedding/head unless < 50,304 tokens.
+    gathered = mp.gathered_bytes(params, 8, 8 * 512, "float32")
+    assert gathered["attn"] == 24 * 4 * 1024 * 1024 * 4 and gathered["vocab"] == 0
+    assert gathered["mlp"] == 24 * 2 * 1024 * 4096 * 4
+    assert mp.gathered_bytes(params, 8, 4 * 512, "float32")["mlp"] == 0
+    assert c8["gathered parameters"] == sum(gathered.values())
     rms = {n: b for n, b, _ in mp.make_plan(mp.PlanConfig(model="pythia-410m")).components}
     assert 0 <= rms["optimizer state"] - c1["parameters"] <= 16  # one moment (+ counters)
     sgd = {n: b for n, b, _ in mp.make_plan(mp.PlanConfig(model="pythia-410m", optimizer="sgd")).components}
@@ -100,7 +108,9 @@ def test_verdict_and_json(capsys):
     (["--model", "gpt-5"], "not a preset"),
     (["--device", "tpu-v9"], "--device 'tpu-v9' is not known"),
     (["--num-devices", "8", "--fsdp", "3"], "--fsdp 3 does not divide --num-devices 8"),
-    (["--num-devices", "8", "--batch-size", "4"], "not a multiple of data axis 8"),
+    (["--num-devices", "8", "--batch-size", "4"], "not a multiple of the 8 devices of the mesh"),
+    (["--num-devices", "8", "--fsdp", "8", "--batch-size", "8", "--accumulation-steps", "2"],
+     "not a multiple of the 8 devices of the mesh x --accumulation-steps 2"),
     (["--optimizer", "lion"], "--optimizer 'lion'"),
     (["--max-length", "4096"], "max_position_embeddings=2048"),
 ])
@@ -130,34 +140,85 @@ def test_local_directory(tmp_path):
 
 
 # Plan vs XLA: arguments + outputs not aliased + temporaries of the compiled real train step,
-# per device. (The CPU compiler ignores remat, so no remat case.)
-MEASURED = [  # repository presets, one device
-    dict(model="tiny-gpt_neox", command="sft", batch_size=8, max_length=128, optimizer="adam"),
-    dict(model="tiny-qwen2", command="dpo", batch_size=8, max_length=128, optimizer="rmsprop"),
-]
-# On the model of _tiny_dir (13.7 MB of float32 parameters), fsdp = 8 over the 8 fake devices.
-# (Measured outside the suite, same tolerance: fsdp 2 x data 4 SFT -7 %; fsdp 2 x data 4 DPO
-# -33 %, where XLA splits the two passes' activations less than the plan assumes.)
-FSDP = dict(batch_size=8, max_length=32, optimizer="adam", num_devices=8, fsdp=8)
+# per device, measured in one subprocess per mesh (8 fake host devices, jax_enable_x64 off as
+# ldjax trains). The CPU compiler ignores remat, so no remat case. "m256": the model of
+# _tiny_dir below (d = 256, 4 layers, F = 1024, V = 512; 13.7 MB of float32 parameters).
+M256 = dict(vocab_size=512, hidden_size=256, num_layers=4, intermediate_size=1024)
+MEASURED = {  # name: (mesh group, config)
+    "1dev-neox-sft": ("one", dict(model="tiny-gpt_neox", command="sft", batch_size=8, max_length=128, optimizer="adam")),
+    "1dev-qwen-dpo": ("one", dict(model="tiny-qwen2", command="dpo", batch_size=8, max_length=128,
+                                  optimizer="rmsprop")),
+    "data8-qwen-dpo-acc2": ("data8", dict(model="tiny-qwen2", command="dpo", batch_size=16, max_length=64,
+                                          optimizer="rmsprop", num_devices=8, accumulation_steps=2)),
+    "fsdp8-neox-sft": ("fsdp8", dict(model="tiny-gpt_neox", command="sft", batch_size=8, max_length=128,
+                                     optimizer="adam", num_devices=8, fsdp=8)),
+    "fsdp8-m256-sft-acc2": ("fsdp8", dict(model="m256", command="sft", batch_size=16, max_length=32, optimizer="adam",
+                                          num_devices=8, fsdp=8, accumulation_steps=2)),
+    "fsdp8-m256-dpo": ("fsdp8", dict(model="m256", command="dpo", batch_size=8, max_length=32, optimizer="adam",
+                                     num_devices=8, fsdp=8)),
+    "data2xfsdp4-m256-dpo": ("data2xfsdp4", dict(model="m256", command="dpo", batch_size=8, max_length=32,
+                                                 optimizer="adam", num_devices=8, fsdp=4)),
+    "data4xfsdp2-m256-sft": ("data4xfsdp2", dict(model="m256", command="sft", batch_size=8, max_length=32,
+                                                 optimizer="adam", num_devices=8, fsdp=2)),
+    "data4xfsdp2-m256-dpo": ("data4xfsdp2", dict(model="m256", command="dpo", batch_size=8, max_length=32,
+                                                 optimizer="adam", num_devices=8, fsdp=2)),
+    # Not within 20 % (-37 %): on this 16 KB-kernel model XLA gathers the fsdp group's
+    # *activations* (1024 tokens x 64) and runs every matmul split over features instead of
+    # gathering the weights; attention then splits over gcd(4 heads, 8) = 4 devices for all
+    # 16 sequences of the group. The plan models the weight-gathering ZeRO-3 step (module
+    # docstring) and does not predict that choice of XLA's.
+    "fsdp8-qwen-dpo": ("fsdp8", pytest.param(
+        dict(model="tiny-qwen2", command="dpo", batch_size=8, max_length=64, optimizer="rmsprop", num_devices=8,
+             fsdp=8),
+        marks=pytest.mark.xfail(strict=True, reason="XLA gathers activations, not weights, here: -37 %"))),
+}
+
+_MEASURE = """
+import json, sys
+from ldjax import memory_plan as mp
+print(json.dumps([mp.measure_xla(mp.PlanConfig(**c)) for c in json.loads(sys.stdin.read())]))
+"""
 
 
-def _within(config: mp.PlanConfig, tolerance: float = 0.2) -> tuple[mp.Plan, dict[str, int]]:
-    plan, xla = mp.make_plan(config), mp.measure_xla(config)
+@pytest.fixture(scope="module")
+def xla_measured(tmp_path_factory):
+    """``{name: (plan, measure_xla)}``, one subprocess per mesh group (compiled once each)."""
+    import os
+    import subprocess
+    import sys
+    d = tmp_path_factory.mktemp("m256")
+    (d / "config.json").write_text(json.dumps(TransformerConfig.tiny("gpt_neox", **M256).to_hf_dict()))
+
+    def fields(entry):
+        f = entry if isinstance(entry, dict) else entry.values[0]  # a pytest.param
+        return dict(f, model=str(d)) if f["model"] == "m256" else f
+
+    out = {}
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    for group in dict.fromkeys(g for g, _ in MEASURED.values()):
+        names = [n for n, (g, _) in MEASURED.items() if g == group]
+        configs = [fields(MEASURED[n][1]) for n in names]
+        run = subprocess.run([sys.executable, "-c", _MEASURE], input=json.dumps(configs), env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        for n, c, x in zip(names, configs, json.loads(run.stdout.strip().splitlines()[-1])):
+            out[n] = (mp.make_plan(mp.PlanConfig(**c)), x)
+    return out
+
+
+@pytest.mark.parametrize("name", [n if isinstance(e, dict) else pytest.param(n, marks=e.marks)
+                                  for n, (_, e) in MEASURED.items()])
+def test_plan_within_20_percent_of_xla(name, xla_measured):
+    plan, xla = xla_measured[name]
     error = plan.total / xla["total"] - 1
-    assert abs(error) < tolerance, (config, plan.components, xla)
-    return plan, xla
+    assert abs(error) < 0.2, (f"{100 * error:+.1f} %", plan.components, xla)
 
 
-@pytest.mark.parametrize("fields", MEASURED, ids=lambda f: f"{f['model']}-{f['command']}")
-def test_plan_matches_xla_on_one_device(fields):
-    _within(mp.PlanConfig(**fields))
-
-
-def test_plan_matches_xla_with_fsdp_on_eight_devices(tmp_path):
-    assert len(jax.devices()) >= 8
-    path = _tiny_dir(tmp_path, vocab_size=512, hidden_size=256, num_layers=4, intermediate_size=1024)
-    plan, xla = _within(mp.PlanConfig(model=path, **FSDP))
+def test_argument_bytes_are_the_sharded_state(xla_measured):
     # The argument bytes XLA assigns per device are the plan's sharded parameters + optimizer
     # state + batch: the byte rule is the step's layout.
-    parts = {n: b for n, b, _ in plan.components}
-    assert math.isclose(xla["argument"], parts["parameters"] + parts["optimizer state"] + parts["batch"], rel_tol=0.02)
+    for name in ("fsdp8-m256-dpo", "data2xfsdp4-m256-dpo", "data4xfsdp2-m256-sft"):
+        plan, xla = xla_measured[name]
+        parts = {n: b for n, b, _ in plan.components}
+        assert math.isclose(xla["argument"], parts["parameters"] + parts["optimizer state"] + parts["batch"],
+                            rel_tol=0.02), (name, xla, parts)
