@@ -69,16 +69,18 @@ DPO_SCALE = dict(dpo_steps=60, dpo_lr=4e-3)  # shared: sharpness and extend reus
 CPU_SCALE: dict[str, dict[str, Any]] = {
     "dpo_dynamics": DPO_SCALE, "sharpness": DPO_SCALE, "extend": DPO_SCALE,
     "mitigation": dict(DPO_SCALE, powers=(0.5,)),  # (α = 1 beside it: python -m experiments.mitigation)
-    # IPO and hinge are left to `python -m experiments.on_policy` (IPO collapses every family at this lr)
-    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "sigmoid_ranked", "simpo", "ppo_clip")),
+    # the negatives and PPO-clip; every loss type (IPO, hinge, SimPO too) is the committed
+    # experiments/results/on_policy_full (`python -m experiments.on_policy`)
+    "on_policy": dict(DPO_SCALE, runs=("sigmoid", "sigmoid_on", "sigmoid_ranked", "ppo_clip")),
     "influence_matrix": dict(prompts=6, steps=3),
     "token_squeeze": dict(widths=(64,), heads=("untied",), contexts=6, halvings=6),
-    # (the head-only control is dpo_dynamics' head-only DPO, with 3 seeds)
-    "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"), seeds=(0,),
-                           dpo_variants=("untied_d64_L2_short", "tied_d64_L2_short"), head_only_control="",
-                           prompts=3, positions=4),
-    # reference, head_only and from_base are dpo_dynamics' own jobs (cached): only foreign_rejected trains anew
-    "regime_search": dict(regimes=("reference", "head_only", "from_base", "foreign_rejected"), seeds=(0,), **DPO_SCALE),
+    # the kernel only: its DPO per variant is experiments/results/kernel_balance_with_dpo, and where
+    # full-parameter DPO squeezes is regime_search's question (the head-only control: dpo_dynamics)
+    "kernel_balance": dict(variants=("untied_d64_L2_short", "tied_d64_L2_short"), seeds=(0,), dpo_variants=(),
+                           head_only_control="", prompts=3, positions=4),
+    # dpo_dynamics' own jobs (cached); the whole search (foreign rejected responses, Adam, widths, depth...)
+    # is the committed experiments/results/regime_search_full
+    "regime_search": dict(regimes=("reference", "head_only", "from_base"), seeds=(0,), **DPO_SCALE),
 }
 # The smoke run: each experiment's own quick mode, one seed.
 QUICK_SCALE: dict[str, dict[str, Any]] = {
