@@ -46,7 +46,7 @@ demo: venv
 test: venv oracle-venv
 	-$(MAKE) --no-print-directory torch-venv
 	LDJAX_TORCH_PYTHON=$$(test -f $(TORCH)/.installed && echo $(CURDIR)/$(TORCH)/bin/python) \
-	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle -m "not experiment"
+	$(PY) -m pytest -n 2 --dist loadfile -q tests --ignore=tests/oracle -m "not experiment" --durations=20
 	PYTHONPATH=. $(ORACLE)/bin/python -m pytest -q -p no:cacheprovider tests/oracle
 
 ## End-to-end runs of the LLM experiments and the dynamics benchmark in quick mode (~15-25 min

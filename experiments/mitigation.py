@@ -19,8 +19,8 @@ Three runs per seed, from the same SFT model (or, for extend, the same number of
 Claims (kind="paper", weighted − baseline per seed, ≥ 3 seeds): chosen falls less; y* rises
 less; the preference is still learned (the chosen−rejected gap widens during DPO); the rejected
 term's per-step push on chosen (the decomposition's culprit) is smaller; weighted's generations
-win against the baseline's (offline judge, Wilson interval above 0.5). Against extend: the same
-numbers side by side (and the win rate weighted vs extend). kind="check": the first-order
+win against the baseline's and against extend's (offline judge, pooled Wilson interval above
+0.5). Against extend: the same numbers side by side. kind="check": the first-order
 prediction of the weighted run tracks the actual change.
 
 Run: ``python -m experiments.mitigation --out results/mitigation`` (CPU, shares the pipeline
@@ -163,7 +163,7 @@ def main(config: Config) -> dict[str, Any]:
 
 def win_rates(config: Config, finals: dict[int, dict[str, Any]], seeds: list[int], rows: list[Claim]) -> dict[str, Any]:
     """Weighted vs baseline and weighted vs extend on every held-out prompt, judged offline
-    (:func:`experiments.extend.judge_for`); appends the claim against the baseline to ``rows``."""
+    (:func:`experiments.extend.judge_for`); appends one claim per comparison to ``rows``."""
     from ldjax import cli
     from ldjax.judge import pool_win_rates, win_rate
     from ldjax.train.config import DPOConfig

@@ -22,7 +22,7 @@ from ldjax.train import objectives
 from tests.test_sequence_dynamics import NTK, V, T, make_model, rel_err, sequences
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), power=st.floats(0.0, 3.0), average=st.booleans())
 def test_value_is_the_log_prob_and_gradient_is_weighted(seed, power, average):
     rng = np.random.default_rng(seed)

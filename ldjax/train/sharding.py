@@ -31,13 +31,17 @@ class ShardingError(ValueError):
 
 def data_mesh(devices: Sequence[jax.Device] | None = None, num_devices: int = 0) -> Mesh:
     """A 1-D mesh named ``"data"`` over ``devices`` (default: the first ``num_devices``, 0 = all)."""
-    if devices is None:
-        devices = jax.devices()
-        if num_devices:
-            if num_devices > len(devices):
-                raise ShardingError(f"num_devices={num_devices} but only {len(devices)} devices are visible")
-            devices = devices[:num_devices]
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return Mesh(np.asarray(_devices(devices, num_devices)), (DATA_AXIS,))
+
+
+def _devices(devices: Sequence[jax.Device] | None, num_devices: int) -> list[jax.Device]:
+    """``devices``, or the first ``num_devices`` of ``jax.devices()`` (0 = all)."""
+    if devices is not None:
+        return list(devices)
+    visible = jax.devices()
+    if num_devices > len(visible):
+        raise ShardingError(f"num_devices={num_devices} but only {len(visible)} devices are visible")
+    return list(visible[:num_devices] if num_devices else visible)
 
 
 def make_mesh(num_devices: int = 0, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -54,13 +58,7 @@ def make_mesh(num_devices: int = 0, fsdp: int = 1, devices: Sequence[jax.Device]
     Raises:
       ShardingError: more devices asked for than visible, or ``fsdp`` does not divide them.
     """
-    if devices is None:
-        devices = jax.devices()
-        if num_devices:
-            if num_devices > len(devices):
-                raise ShardingError(f"num_devices={num_devices} but only {len(devices)} devices are visible")
-            devices = devices[:num_devices]
-    devices = list(devices)
+    devices = _devices(devices, num_devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise ShardingError(f"fsdp={fsdp} does not divide the {len(devices)} devices of the mesh")
     return Mesh(np.asarray(devices).reshape(len(devices) // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS))
