@@ -182,7 +182,7 @@ print(json.dumps([mp.measure_xla(mp.PlanConfig(**c)) for c in json.loads(sys.std
 
 @pytest.fixture(scope="module")
 def xla_measured(tmp_path_factory):
-    """``{name: (plan, measure_xla)}``, one subprocess per mesh group (compiled once each)."""
+    """``{name: (plan, measure_xla)}`` of every measured config, in one subprocess."""
     import os
     import subprocess
     import sys
@@ -193,17 +193,15 @@ def xla_measured(tmp_path_factory):
         f = entry if isinstance(entry, dict) else entry.values[0]  # a pytest.param
         return dict(f, model=str(d)) if f["model"] == "m256" else f
 
-    out = {}
+    # every group in one process (each config builds its own mesh of num_devices): one jax start-up
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    for group in dict.fromkeys(g for g, _ in MEASURED.values()):
-        names = [n for n, (g, _) in MEASURED.items() if g == group]
-        configs = [fields(MEASURED[n][1]) for n in names]
-        run = subprocess.run([sys.executable, "-c", _MEASURE], input=json.dumps(configs), env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        for n, c, x in zip(names, configs, json.loads(run.stdout.strip().splitlines()[-1])):
-            out[n] = (mp.make_plan(mp.PlanConfig(**c)), x)
-    return out
+    names = list(MEASURED)
+    configs = [fields(MEASURED[n][1]) for n in names]
+    run = subprocess.run([sys.executable, "-c", _MEASURE], input=json.dumps(configs), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {n: (mp.make_plan(mp.PlanConfig(**c)), x)
+            for n, c, x in zip(names, configs, json.loads(run.stdout.strip().splitlines()[-1]))}
 
 
 @pytest.mark.parametrize("name", [n if isinstance(e, dict) else pytest.param(n, marks=e.marks)
