@@ -18,6 +18,7 @@ from ldjax.models.transformer import CausalLM, TransformerConfig
 from ldjax.train import objectives, sharding, steps
 from ldjax.train.checkpoint import RunCheckpointer
 from ldjax.train.config import ConfigError, LoopConfig, SFTConfig
+from tests import test_sharding
 
 # ----------------------------------------------------------------- the rule (properties)
 
@@ -84,19 +85,8 @@ def tiny_lm():
 
 
 def lm_batches(n_steps, seed):
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n_steps):
-        batch = {}
-        for side in ("chosen", "rejected"):
-            prompt = rng.integers(2, 5, size=B)
-            total = prompt + rng.integers(3, 8, size=B)
-            pos = np.arange(T)[None]
-            batch[f"{side}_input_ids"] = np.where(pos < total[:, None], rng.integers(0, V, (B, T)), 0).astype(np.int32)
-            batch[f"{side}_attention_mask"] = (pos < total[:, None]).astype(np.int32)
-            batch[f"{side}_loss_mask"] = ((pos >= prompt[:, None]) & (pos < total[:, None])).astype(np.int32)
-        out.append(batch)
-    return out
+    assert (V, T) == (test_sharding.V, test_sharding.T)
+    return test_sharding.lm_batches(n_steps, seed, size=B)
 
 
 OPTIMIZER = optax.sgd(0.02, momentum=0.9)  # a momentum trace: optimizer state with the params' shapes

@@ -86,17 +86,17 @@ from ldjax.train import objectives  # noqa: E402
 V, T, B = 32, 12, 16
 
 
-def lm_batches(n_steps, seed=0):
-    """Right-padded preference batches (prompt 2-4 tokens, response 3-7), both sides."""
+def lm_batches(n_steps, seed=0, size=B):
+    """Right-padded preference batches of ``size`` pairs (prompt 2-4 tokens, response 3-7), both sides."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n_steps):
         batch = {}
         for side in ("chosen", "rejected"):
-            prompt = rng.integers(2, 5, size=B)
-            total = prompt + rng.integers(3, 8, size=B)
+            prompt = rng.integers(2, 5, size=size)
+            total = prompt + rng.integers(3, 8, size=size)
             pos = np.arange(T)[None]
-            batch[f"{side}_input_ids"] = np.where(pos < total[:, None], rng.integers(0, V, (B, T)), 0).astype(np.int32)
+            batch[f"{side}_input_ids"] = np.where(pos < total[:, None], rng.integers(0, V, (size, T)), 0).astype(np.int32)
             batch[f"{side}_attention_mask"] = (pos < total[:, None]).astype(np.int32)
             batch[f"{side}_loss_mask"] = ((pos >= prompt[:, None]) & (pos < total[:, None])).astype(np.int32)
         out.append(batch)
