@@ -75,7 +75,7 @@ import optax
 
 from ldjax.dynamics import DynamicsInputError, softmax_jacobian
 from ldjax.losses.preference import LOSS_TYPES, preference_loss, residual_coefficients
-from ldjax.losses.sequence import (probability_weights, response_lengths, reweighted_sequence_logps, sequence_logps,
+from ldjax.losses.sequence import (probability_weighted_logps, probability_weights, response_lengths, sequence_logps,
                                    sequence_residual, sft_loss, token_logps)
 
 __all__ = [
@@ -423,8 +423,7 @@ def _loss_from_logits(objective: Objective, logits: tuple[jax.Array, ...], sides
         (in_c, mask_c), (in_r, mask_r) = sides
         rejected = sequence_logps(logits[1], in_r["input_ids"], mask_r)
         if objective.negative_weight_power:
-            weights = probability_weights(logits[1], in_r["input_ids"], mask_r, objective.negative_weight_power)
-            rejected = reweighted_sequence_logps(logits[1], in_r["input_ids"], mask_r, weights)
+            rejected = probability_weighted_logps(logits[1], in_r["input_ids"], mask_r, objective.negative_weight_power)
         per_example = preference_loss(
             sequence_logps(logits[0], in_c["input_ids"], mask_c), rejected,
             refs[0], refs[1], loss_type=objective.loss_type, beta=objective.beta,

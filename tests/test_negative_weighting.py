@@ -34,6 +34,13 @@ def test_value_is_the_log_prob_and_gradient_is_weighted(seed, power, average):
     plain = losses.sequence_logps(logits, ids, mask, average=average)
     chex.assert_trees_all_close(losses.reweighted_sequence_logps(logits, ids, mask, w, average=average), plain,
                                 atol=1e-13)
+    # the one-pass route (the engine's) equals weights-then-reweighting, in value and in gradient
+    one_pass = lambda z: losses.probability_weighted_logps(z, ids, mask, power, average=average)  # noqa: E731
+    two_step = lambda z: losses.reweighted_sequence_logps(  # noqa: E731
+        z, ids, mask, losses.probability_weights(z, ids, mask, power), average=average)
+    chex.assert_trees_all_close(one_pass(logits), two_step(logits), atol=1e-13)
+    chex.assert_trees_all_close(jax.grad(lambda z: one_pass(z).sum())(logits),
+                                jax.grad(lambda z: two_step(z).sum())(logits), atol=1e-13)
     # weights: π(y_t)^α on scored tokens (position 0 never), exactly 0 elsewhere
     p = np.exp(np.asarray(losses.token_logps(logits, ids, mask)))
     scored = np.asarray(mask).astype(bool)

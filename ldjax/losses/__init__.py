@@ -13,6 +13,7 @@ from ldjax.losses.preference import (
     residual_coefficients,
 )
 from ldjax.losses.sequence import (
+    probability_weighted_logps,
     probability_weights,
     response_lengths,
     reweighted_sequence_logps,
@@ -29,6 +30,7 @@ __all__ = [
     "clipped_surrogate_coefficients",
     "preference_coefficients",
     "preference_loss",
+    "probability_weighted_logps",
     "probability_weights",
     "residual_coefficients",
     "response_lengths",

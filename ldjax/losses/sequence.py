@@ -24,6 +24,7 @@ __all__ = [
     "sft_loss",
     "sequence_residual",
     "probability_weights",
+    "probability_weighted_logps",
     "reweighted_sequence_logps",
 ]
 
@@ -132,9 +133,24 @@ def reweighted_sequence_logps(logits: jax.Array, input_ids: jax.Array, loss_mask
       (B,) as :func:`sequence_logps`.
     """
     per_token = token_logps(logits, input_ids, loss_mask)
-    w = jax.lax.stop_gradient(jnp.asarray(weights).astype(per_token.dtype))
+    w = jnp.asarray(weights)
     if w.shape != per_token.shape:
         raise LossInputError(f"weights must have shape (B, T) = {per_token.shape}, got {w.shape}")
+    return _reweighted_sum(per_token, w, loss_mask, average)
+
+
+def probability_weighted_logps(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array, power: float, *,
+                               average: bool = False) -> jax.Array:
+    """:func:`reweighted_sequence_logps` with the weights of :func:`probability_weights`, from one
+    log-softmax pass: ``log π(y|x)`` in value, gradient ``Σ_t π(y_t)^power ∂ log π(y_t)``."""
+    per_token = token_logps(logits, input_ids, loss_mask)
+    weights = jnp.where(_scored(loss_mask, bool), jnp.exp(power * jax.lax.stop_gradient(per_token)),
+                        jnp.zeros((), per_token.dtype))
+    return _reweighted_sum(per_token, weights, loss_mask, average)
+
+
+def _reweighted_sum(per_token, weights, loss_mask, average: bool) -> jax.Array:
+    w = jax.lax.stop_gradient(weights.astype(per_token.dtype))
     total = jnp.sum(w * per_token + jax.lax.stop_gradient((1 - w) * per_token), axis=-1)
     if average:
         return total / jnp.maximum(response_lengths(loss_mask).astype(total.dtype), 1)

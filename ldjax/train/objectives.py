@@ -68,7 +68,7 @@ def policy_logps(model, batch: Batch, *, average: bool = False, concatenate: boo
         parameters, ``benchmarks/train``), one pass elsewhere. Values agree to float round-off.
       negative_weight_power: ``α``; when > 0 the rejected log-probs keep their value but their
         gradient weights token ``t`` by ``π(y⁻_t)^α``
-        (:func:`ldjax.losses.reweighted_sequence_logps`): ldjax's probability-weighted negative
+        (:func:`ldjax.losses.probability_weighted_logps`): ldjax's probability-weighted negative
         gradient, which spares the tokens already in the valley.
     """
     if concatenate is None:
@@ -76,8 +76,7 @@ def policy_logps(model, batch: Batch, *, average: bool = False, concatenate: boo
 
     def logps(logits, ids, mask, rejected: bool):
         if rejected and negative_weight_power:
-            weights = losses.probability_weights(logits, ids, mask, negative_weight_power)
-            return losses.reweighted_sequence_logps(logits, ids, mask, weights, average=average)
+            return losses.probability_weighted_logps(logits, ids, mask, negative_weight_power, average=average)
         return losses.sequence_logps(logits, ids, mask, average=average)
 
     if not concatenate:
