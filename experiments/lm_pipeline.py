@@ -387,6 +387,7 @@ def rising_fraction(y) -> float:
 
 # ------------------------------------------------------------------------- per-step decomposition
 
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _token_changes(apply_fn, params, update, input_ids, attention_mask, loss_mask):
     """First-order ``Δ log π`` along ``update`` per response, read at the response's tokens and at
     each position's argmax token (the teacher-forced ``y*``): two (B,) arrays. One JVP."""
@@ -435,6 +436,10 @@ def split_update(update, grads, trainable_head: Callable[[str], bool] = is_head)
     return out
 
 
+# One compiled split per parameter structure (eagerly it is a few hundred tiny dispatches).
+_split_update_jit = jax.jit(split_update, static_argnames=("trainable_head",))
+
+
 def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] | None = None,
                        split_families: tuple[str, ...] = ("chosen", "rejected"),
                        prompts: int | None = None) -> TrackerHook:
@@ -459,7 +464,6 @@ def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] |
         fams = tuple(f for f in (families or probe.families) if f in probe.arrays)
         p = min(probe.num_prompts, prompts or probe.num_prompts)
         observed = {k: jnp.asarray(np.concatenate([probe.arrays[f][k][:p] for f in fams])) for k in sd.SEQUENCE_KEYS}
-        token_changes = jax.jit(functools.partial(_token_changes, apply_fn))
         calls = [0]
 
         def decompose_fn(before, after, batch):
@@ -477,7 +481,7 @@ def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] |
                 "update_norm": float(optax.tree.norm(update))}
             batch = {k: jnp.asarray(v) for k, v in batch.items()}
             grads = sd.training_gradients(apply_fn, before, batch, objective)
-            parts = split_update(update, grads)
+            parts = _split_update_jit(update, grads)
             terms: dict[str, dict[str, list[float]]] = {}
             for f in split_families:
                 if f not in probe.arrays:
@@ -485,7 +489,7 @@ def decomposition_hook(objective, *, every: int = 1, families: tuple[str, ...] |
                 a = probe.arrays[f]
                 terms[f] = {}
                 for name, u in parts.items():
-                    d_y, d_star = token_changes(before, u, *(jnp.asarray(a[k][:p]) for k in sd.SEQUENCE_KEYS))
+                    d_y, d_star = _token_changes(apply_fn, before, u, *(jnp.asarray(a[k][:p]) for k in sd.SEQUENCE_KEYS))
                     terms[f][name] = [float(np.mean(d_y)), float(np.mean(d_star))]
             record["terms"] = terms
             return record

@@ -66,10 +66,10 @@ def _world(config: DataConfig):
 
 
 def _build_world(config: DataConfig):
-    from ldjax.data.world import WorldConfig, build_world
+    from ldjax.data.world import WorldConfig, shared_world
     # The probes come from their own random stream: their number never changes the pairs or
     # the pretraining texts.
-    return build_world(WorldConfig(
+    return shared_world(WorldConfig(
         seed=config.world_seed, num_entities=config.world_entities, num_train=config.world_train,
         num_test=config.world_test, num_probe=min(getattr(config, "track_prompts", 32), config.world_train),
         num_pretrain_answers=config.world_pretrain, num_pretrain_narrative=max(1, config.world_pretrain // 4),

@@ -51,6 +51,7 @@ same forward pass, so the argmax along ``chosen`` and along ``rejected`` are the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -525,25 +526,50 @@ def _summaries(diag: Mapping[str, jax.Array], loss_mask: jax.Array) -> dict[str,
 LogitsFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Logits:
+    """``logits(params, input_ids, attention_mask)`` of an LM :class:`~ldjax.models.functional.ModuleApply`
+    (``lm=True``) or of a functional ``apply_fn(params, input_ids)``; hashable, equal for equal ``apply``."""
+
+    apply: Callable
+    lm: bool
+
+    def __call__(self, params, input_ids, attention_mask):
+        if self.lm:
+            return self.apply(params, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return self.apply(params, input_ids)
+
+
 def _logits_fn(model) -> tuple[LogitsFn, Any]:
     """``(logits_fn(params, input_ids, attention_mask), default params)`` of a model.
 
     ``model`` is an NNX module (called as ``module(input_ids, attention_mask)``) or a
     functional ``apply_fn(params, input_ids)`` (:func:`ldjax.models.functional.functional`; the
     attention mask is not passed, which is exact for right-padded probes under a causal mask).
+    Modules of one structure give equal ``logits_fn`` (one compiled pass for all of them).
     """
     from flax import nnx
 
+    from ldjax.models.functional import ModuleApply
+
     if isinstance(model, nnx.Module):
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-        def logits_fn(p, input_ids, attention_mask):
-            return nnx.merge(graphdef, p, rest)(input_ids, attention_mask)
-
-        return logits_fn, params
+        return _Logits(ModuleApply(graphdef, rest, lm_inputs=True), lm=True), params
     if callable(model):
-        return (lambda p, input_ids, attention_mask: model(p, input_ids)), None
+        return _Logits(model, lm=False), None
     raise TypeError(f"model must be an nnx.Module or apply_fn(params, input_ids), got {type(model).__name__}")
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn", "per_position"))
+def _score_pass(params, input_ids, attention_mask, loss_mask, *, logits_fn: LogitsFn, per_position: bool):
+    # Module level, keyed by the (hashable) logits_fn: every scorer of one model structure
+    # shares the compiled pass.
+    logits = logits_fn(params, input_ids, attention_mask)
+    diag = token_diagnostics(logits, input_ids, loss_mask)
+    out = _summaries(diag, loss_mask)
+    if per_position:
+        out.update(diag)
+    return out
 
 
 class ProbeScorer:
@@ -580,20 +606,16 @@ class ProbeScorer:
         self.fused = fused
         self.length_multiple = length_multiple
         self._lengths: dict[int, int] = {}
+        self._shapes: set[tuple[tuple[int, ...], ...]] = set()
 
-        def run(params, input_ids, attention_mask, loss_mask):
-            logits = self._logits_fn(params, input_ids, attention_mask)
-            diag = token_diagnostics(logits, input_ids, loss_mask)
-            out = _summaries(diag, loss_mask)
-            if per_position:
-                out.update(diag)
-            return out
-
-        self._run = jax.jit(run)
+    def _run(self, params, *batch):
+        self._shapes.add(tuple(np.shape(x) for x in batch))
+        return _score_pass(params, *batch, logits_fn=self._logits_fn, per_position=self.per_position)
 
     def compiled_shapes(self) -> int:
-        """How many input shapes the pass has been compiled for (1 after scoring any probe set)."""
-        return self._run._cache_size()
+        """How many input shapes this scorer's pass has run at (1 after scoring any probe set):
+        one compilation each, shared with every scorer of the same model structure."""
+        return len(self._shapes)
 
     def trimmed_length(self, probe_set: ProbeSet) -> int:
         """The fused pass's sequence length for ``probe_set`` (one value per probe set, so every

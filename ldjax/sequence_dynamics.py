@@ -291,17 +291,16 @@ def lm_apply_fn(model, **call_kwargs: Any) -> tuple[ApplyFn, PyTree]:
 
     Like :func:`ldjax.models.functional.functional`, but ``apply_fn(params, inputs)`` takes
     ``inputs = {"input_ids": (N, T), "attention_mask": (N, T)}`` as the training engine calls
-    the model. Non-parameter state is closed over.
+    the model. Non-parameter state is closed over. ``apply_fn`` is a
+    :class:`~ldjax.models.functional.ModuleApply`: models of one structure give equal ones, so
+    the jitted functions here (``apply_fn`` is their static argument) compile once per structure.
     """
     from flax import nnx  # imported here: the rest of this module needs no flax
 
+    from ldjax.models.functional import ModuleApply
+
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def apply_fn(p: PyTree, inputs: Mapping[str, jax.Array]) -> jax.Array:
-        module = nnx.merge(graphdef, p, rest)
-        return module(inputs["input_ids"], inputs["attention_mask"], **call_kwargs)
-
-    return apply_fn, params
+    return ModuleApply(graphdef, rest, call_kwargs=call_kwargs, lm_inputs=True), params
 
 
 def preference_side(batch: Batch, side: str) -> dict[str, Any]:

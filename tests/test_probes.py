@@ -279,6 +279,12 @@ def test_scores_equal_hand_computation_and_compile_once(probe_set, model):
     scorer = probes.ProbeScorer(model, batch_size=2, per_position=True)  # 5 prompts: chunks 2, 2, 1 (padded)
     scores = scorer(None, probe_set)
     assert scorer.compiled_shapes() == 1  # every family and chunk: one shape
+    # A scorer of another instance of the same structure reuses the compiled pass.
+    compiled = probes._score_pass._cache_size()
+    other_model = nnx.merge(*nnx.split(model))
+    other = probes.ProbeScorer(other_model, batch_size=2, per_position=True)(None, probe_set, ("chosen",))
+    assert probes._score_pass._cache_size() == compiled
+    np.testing.assert_allclose(other["chosen"].logps, scores["chosen"].logps, rtol=1e-12)
     for family in ("chosen", "shuffled_other"):
         arrays = probe_set.arrays[family]
         logits = np.asarray(forward(model, arrays["input_ids"], arrays["attention_mask"]))

@@ -21,6 +21,7 @@ from ldjax.data.world import (
     meaning,
     num_shakespeare_lines,
     render,
+    shared_world,
     template_words,
 )
 
@@ -57,6 +58,16 @@ def test_same_seed_same_world_other_seed_other_world():
     # Independent streams: a bigger pretraining corpus leaves the pairs unchanged.
     d = build_world(dataclasses.replace(SMALL, num_pretrain_answers=300))
     assert d.train == a.train and d.probes == a.probes
+
+
+def test_shared_world_is_built_once_per_config_and_equals_a_fresh_build():
+    shared = shared_world(SMALL)
+    assert shared_world(dataclasses.replace(SMALL)) is shared  # an equal config: the same object
+    fresh = build_world(SMALL)
+    assert shared.train == fresh.train and shared.probes == fresh.probes
+    assert shared.pretrain_texts == fresh.pretrain_texts and shared.tokenizer.to_str() == fresh.tokenizer.to_str()
+    other = shared_world(dataclasses.replace(SMALL, seed=8))
+    assert other is not shared and other.train != shared.train
 
 
 def test_sizes_split_and_vocabulary(world):

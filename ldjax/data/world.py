@@ -48,6 +48,7 @@ The ``argmax`` probe depends on the model and is not stored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import string
@@ -612,3 +613,14 @@ def build_world(config: WorldConfig = WorldConfig()) -> World:
     extra_words = list(entities) + sorted({w for line in shakespeare for w in line.split()})
     return World(config, build_tokenizer(extra_words), pretrain, train, test, probes,
                  structures[: config.num_train], structures[config.num_train:])
+
+
+@functools.lru_cache(maxsize=8)
+def shared_world(config: WorldConfig = WorldConfig()) -> World:
+    """:func:`build_world` once per process and config: the same object for every caller.
+
+    Generating the default world takes ~2 s of pure Python (its pretraining answers), and every
+    job of a run (data, probes, judge) asks for it again; ``ldjax reproduce`` runs dozens of jobs.
+    The world is never modified after it is built; callers must not modify it either.
+    """
+    return build_world(config)

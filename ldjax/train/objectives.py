@@ -9,6 +9,8 @@ Preference batches also carry the reference log-probs ``ref_chosen_logps`` and
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import jax
@@ -173,6 +175,20 @@ def ppo_clip_objective(*, epsilon: float = 0.2) -> Callable:
     return loss_fn
 
 
+# Module level with the graph definition static: one compilation per model structure and
+# shape, shared by every job of a process (the reference pass of each DPO job of a sweep).
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_sequence_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch):
+    return policy_logps(nnx.merge(graphdef, params, rest), batch)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _reference_token_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch):
+    model = nnx.merge(graphdef, params, rest)
+    return tuple(losses.token_logps(_forward(model, batch[f"{s}_input_ids"], batch[f"{s}_attention_mask"]),
+                                    batch[f"{s}_input_ids"], batch[f"{s}_loss_mask"]) for s in ("chosen", "rejected"))
+
+
 def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict[str, np.ndarray], *,
                     batch_size: int = 32, mesh: jax.sharding.Mesh | None = None,
                     per_token: bool = False) -> dict[str, np.ndarray]:
@@ -185,18 +201,8 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict
     PPO-clip objective's old policy); their row sums are the sequence values.
     """
     keys = [k for k in arrays if k.startswith(("chosen_", "rejected_"))]
-    if per_token:
-        @jax.jit
-        def run(params, rest, batch):
-            model = nnx.merge(graphdef, params, rest)
-            return tuple(losses.token_logps(_forward(model, batch[f"{s}_input_ids"], batch[f"{s}_attention_mask"]),
-                                            batch[f"{s}_input_ids"], batch[f"{s}_loss_mask"]) for s in ("chosen", "rejected"))
-    else:
-        @jax.jit
-        def run(params, rest, batch):
-            return policy_logps(nnx.merge(graphdef, params, rest), batch)
-
-    chosen, rejected = _over_rows(lambda batch: run(params, rest, batch), arrays, keys, batch_size, mesh)
+    run = _reference_token_logps if per_token else _reference_sequence_logps
+    chosen, rejected = _over_rows(lambda batch: run(graphdef, params, rest, batch), arrays, keys, batch_size, mesh)
     out = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
     if per_token:
         out = {"ref_chosen_token_logps": chosen, "ref_rejected_token_logps": rejected,
