@@ -82,7 +82,7 @@ def judge_for(config: Config, job_config):
     from ldjax import cli
     from ldjax.judge import LMJudge, StyleNgramJudge
     if not config.data:
-        return StyleNgramJudge(cli._world(job_config)), "world"
+        return StyleNgramJudge.of_world(cli._world(job_config)), "world"
     if config.judge:
         return LMJudge(config.judge), "lm"
     return None, "none"

@@ -281,7 +281,7 @@ def negative_peak(sft, job_config, prompts_n: int, seed: int) -> dict[str, Any]:
                        temperature=job_config.temperature, top_k=job_config.top_k, seed=1000 * seed + 7)
     sets = {"on_policy": samples, "off_policy": [e.rejected for e in ex], "chosen": [e.chosen for e in ex]}
     out: dict[str, Any] = {"prompts": len(prompts), "example": {"prompt": prompts[0], **{k: v[0] for k, v in sets.items()}}}
-    judge = StyleNgramJudge(cli._world(job_config)) if not job_config.data else None
+    judge = StyleNgramJudge.of_world(cli._world(job_config)) if not job_config.data else None
     for name, responses in sets.items():
         out[name] = {"logp_sum": float(np.mean(lm_sum.scores(prompts, responses))),
                      "logp_token": float(np.mean(lm_mean.scores(prompts, responses)))}

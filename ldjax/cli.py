@@ -453,7 +453,7 @@ def _on_policy_judge(config, tokenizer, vocab_size: int, eos_id):
     (:func:`ldjax.judge.token_judge_scores`)."""
     from ldjax.data.world import SPECIAL_TOKENS
     from ldjax.judge import StyleNgramJudge, token_judge_scores
-    tables = StyleNgramJudge(_world(config)).token_tables(tokenizer.get_vocab(), vocab_size, SPECIAL_TOKENS)
+    tables = StyleNgramJudge.of_world(_world(config)).token_tables(tokenizer.get_vocab(), vocab_size, SPECIAL_TOKENS)
     return lambda ids, mask: token_judge_scores(tables, ids, mask, eos_id)
 
 

@@ -54,6 +54,7 @@ exactly one of the world's topics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import string
 from collections import defaultdict
@@ -541,6 +542,14 @@ class StyleNgramJudge:
         self.discount = discount
         self._models = {style: self._fit(ts) for style, ts in texts.items()}
 
+    @classmethod
+    def of_world(cls, world: Any) -> "StyleNgramJudge":
+        """The judge of ``world`` (a :class:`ldjax.data.world.World`) with the default settings,
+        fitted once per process and world config and shared: fitting samples 12,000 responses
+        (seconds of Python), and every judged job of a run asks for the same one. The judge is
+        never modified after fitting; callers must not modify it either."""
+        return _style_judge_of(world.config)
+
     def _fit(self, texts: list[list[str]]) -> dict[str, Any]:
         unigram: dict[str, int] = defaultdict(int)
         bigram: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -798,3 +807,9 @@ def pool_win_rates(results: Sequence[WinRate], *, confidence: float | None = Non
 
 
 __all__ = ["LOG_FLOOR", "WorldJudge", "StyleNgramJudge", "TokenJudgeTables", "token_judge_scores", "LMJudge", "WinRate", "win_rate", "pool_win_rates", "binomial_interval"]
+
+
+@functools.lru_cache(maxsize=4)
+def _style_judge_of(config: Any) -> StyleNgramJudge:
+    from ldjax.data.world import shared_world
+    return StyleNgramJudge(shared_world(config))

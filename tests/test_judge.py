@@ -389,6 +389,18 @@ def test_style_ngram_judge_is_normalised_and_prefers_held_out_chosen(style):
         judge.log_likelihood(world.test[0].chosen) - judge.log_likelihood(world.test[0].chosen, "rejected"))
 
 
+def test_style_judge_of_world_is_fitted_once_and_equals_a_fresh_fit():
+    from ldjax.data.world import WorldConfig, build_world, shared_world
+    from ldjax.judge import StyleNgramJudge
+    config = WorldConfig(num_entities=40, num_train=40, num_test=30, num_pretrain_answers=5,
+                         num_pretrain_narrative=3, shakespeare_fraction=0.0)
+    shared = StyleNgramJudge.of_world(shared_world(config))
+    assert StyleNgramJudge.of_world(build_world(config)) is shared  # keyed by the world's config
+    fresh = StyleNgramJudge(build_world(config))
+    texts = [e.chosen for e in build_world(config).test[:5]] + [e.rejected for e in build_world(config).test[:5]]
+    np.testing.assert_array_equal(shared.scores([""] * len(texts), texts), fresh.scores([""] * len(texts), texts))
+
+
 def test_token_judge_scores_equal_the_text_judge():
     """token_judge_scores (tables over token ids, inside jit) = StyleNgramJudge.scores on the decoded
     texts: world responses, random token strings with specials and EOS mid-way, empty responses."""
