@@ -33,8 +33,9 @@ Exit status: 0 when every experiment ran and every ``kind="check"`` row passed (
 guarantees: exactness, theorems, first-order gaps); 1 otherwise. ``kind="paper"`` rows are the
 paper's claims measured on the data: they pass or fail as measured and never change the status.
 
-Run: ``ldjax reproduce --out results`` (CPU scale, on 2 cores), ``--quick`` (a smoke run of a few
-minutes, mostly compilation; its numbers are not results), ``--only dpo_dynamics,token_squeeze``, ``--data FILE.jsonl``
+Run: ``ldjax reproduce --out results`` (CPU scale, on 2 cores), ``--quick`` (the one-minute smoke run:
+:data:`SMOKE` at toy sizes, one seed; its numbers are not results; ``--quick --only all`` smokes every
+experiment in a few minutes), ``--only dpo_dynamics,token_squeeze``, ``--data FILE.jsonl``
 (the LLM experiments on your HH / UltraFeedback / plain preference file), ``--model DIR`` (a local
 Hugging Face GPT-NeoX/Qwen2 checkpoint as the base model), ``--seeds N``.
 """
@@ -61,6 +62,10 @@ CLASSIC = ("squeeze_logreg", "first_order", "mnist_dynamics")
 LLM = ("sft_dynamics", "dpo_dynamics", "sharpness", "extend", "mitigation", "on_policy", "influence_matrix", "token_squeeze",
        "first_order_lm", "kernel_balance", "regime_search")
 EXPERIMENTS = CLASSIC + LLM
+# The one-minute smoke run (--quick without --only): the report's whole machinery on the squeezing
+# theorem and on the LLM pipeline (pretrain → SFT → DPO, probe tracking, the per-step decomposition),
+# at toy sizes. Every experiment's own quick mode is run by the tests, and by --quick --only all.
+SMOKE = ("squeeze_logreg", "sft_dynamics", "dpo_dynamics")
 # Experiments that sweep tiny models of their own: with --model they have nothing to run on.
 TINY_ONLY = ("kernel_balance",)
 
@@ -89,7 +94,7 @@ QUICK_SCALE: dict[str, dict[str, Any]] = {
                            batch_size=16, analyse_every=6, checkpoints=2, ntk_per_class=2, ntk_batch_size=20),
     **{name: dict(quick=True) for name in LLM},
     # (the quick modes' own extras that the smoke run can do without)
-    "dpo_dynamics": dict(quick=True, starts=("sft",)),
+    "dpo_dynamics": dict(quick=True, starts=("sft",), trainable=("full",)),
     "regime_search": dict(quick=True, regimes=("reference", "head_only")),
     "mitigation": dict(quick=True, powers=(0.5,)),
 }
@@ -169,7 +174,8 @@ class Config:
     """Runs every ldjax experiment at CPU scale and writes REPORT.md and claims.json."""
 
     out: str = dataclasses.field(default="results", metadata={"help": "output directory (one subfolder per experiment, REPORT.md, claims.json)"})
-    only: tuple[str, ...] = dataclasses.field(default=EXPERIMENTS, metadata={"help": "experiments to run: " + ", ".join(EXPERIMENTS)})
+    only: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "experiments to run, or 'all' (default: all; with --quick: "
+                                                                             + ", ".join(SMOKE) + "): " + ", ".join(EXPERIMENTS)})
     quick: bool = dataclasses.field(default=False, metadata={"help": "a smoke run (each experiment's quick mode, one seed): its numbers are not results"})
     seeds: int = dataclasses.field(default=3, metadata={"help": "model seeds of the LLM experiments (0..N-1; the claims need >= 3)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the classification experiments"})
@@ -179,11 +185,9 @@ class Config:
     run_dir: str = dataclasses.field(default="", metadata={"help": "shared pipeline cache of the LLM experiments (default OUT/runs)"})
 
     def __post_init__(self):
-        unknown = [name for name in self.only if name not in EXPERIMENTS]
+        unknown = [name for name in self.only if name not in EXPERIMENTS + ("all",)]
         if unknown:
-            raise ConfigError(f"--only: unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
-        if not self.only:
-            raise ConfigError("--only: name at least one experiment")
+            raise ConfigError(f"--only: unknown experiments {unknown}; choose from all, {', '.join(EXPERIMENTS)}")
         if self.seeds < 1:
             raise ConfigError(f"--seeds: must be >= 1, got {self.seeds}")
         if self.data and not pathlib.Path(self.data).is_file():
@@ -193,6 +197,15 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- running
+
+
+def selected(config: Config) -> list[str]:
+    """The experiments to run, in :data:`EXPERIMENTS` order: ``--only`` (``all``: every one), else
+    every one, or :data:`SMOKE` for ``--quick``."""
+    if "all" in config.only or (not config.only and not config.quick):
+        return list(EXPERIMENTS)
+    chosen = config.only or SMOKE
+    return [n for n in EXPERIMENTS if n in chosen]
 
 
 def experiment_config(name: str, config: Config) -> Any:
@@ -298,8 +311,11 @@ def write_report(config: Config, summary: dict[str, dict[str, Any]], rows: list[
     model = f"`{config.model}`" if config.model else "tiny models pretrained here"
     lines = ["# ldjax reproduce: the learning dynamics of LLM finetuning, measured", ""]
     if config.quick:
-        lines += ["> **QUICK SMOKE RUN (`--quick`)**: every experiment in its seconds-long quick mode with one seed. "
-                  "These numbers check that the pipeline runs; they are **not results**.", ""]
+        ran = [n for n in summary]
+        lines += [f"> **QUICK SMOKE RUN (`--quick`)**: {len(ran)} of {len(EXPERIMENTS)} experiments "
+                  f"({', '.join(ran)}) in their seconds-long quick modes with one seed. "
+                  "These numbers check that the pipeline runs; they are **not results**"
+                  + (" (`--quick --only all` smokes every experiment)." if len(ran) < len(EXPERIMENTS) else "."), ""]
     lines += [f"Data: {source}. Models: {model}. Seeds: {1 if config.quick else config.seeds} per LLM experiment. "
               f"Wall time {wall / 60:.1f} min.", "",
               f"- **checks** (what ldjax guarantees: exactness, theorems, first-order gaps): "
@@ -353,7 +369,7 @@ def main(config: Config) -> dict[str, Any]:
     start = time.perf_counter()
     out = pathlib.Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    names = [n for n in EXPERIMENTS if n in config.only]
+    names = selected(config)
     summary: dict[str, dict[str, Any]] = {}
     bar = tqdm(names, desc="reproduce", unit="experiment", dynamic_ncols=True)
     for name in bar:

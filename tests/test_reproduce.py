@@ -22,6 +22,15 @@ def test_flags_are_validated(tmp_path):
         reproduce.Config(model=str(tmp_path))
 
 
+def test_selection_all_smoke_and_only():
+    assert reproduce.selected(reproduce.Config()) == list(reproduce.EXPERIMENTS)
+    assert reproduce.selected(reproduce.Config(quick=True)) == list(reproduce.SMOKE)  # the one-minute smoke run
+    assert reproduce.selected(reproduce.Config(quick=True, only=("all",))) == list(reproduce.EXPERIMENTS)
+    # --only keeps the main job's order, whatever the order given
+    assert reproduce.selected(reproduce.Config(only=("token_squeeze", "first_order"))) == ["first_order", "token_squeeze"]
+    assert set(reproduce.SMOKE) <= set(reproduce.EXPERIMENTS)
+
+
 def test_bad_flags_end_in_one_line_with_status_2(tmp_path):
     import subprocess
     import sys
