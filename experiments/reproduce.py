@@ -66,6 +66,7 @@ EXPERIMENTS = CLASSIC + LLM
 # theorem and on the LLM pipeline (pretrain → SFT → DPO, probe tracking, the per-step decomposition),
 # at toy sizes. Every experiment's own quick mode is run by the tests, and by --quick --only all.
 SMOKE = ("squeeze_logreg", "sft_dynamics", "dpo_dynamics")
+SMOKE_SCALE: dict[str, dict[str, Any]] = {"dpo_dynamics": dict(trainable=("full",))}  # on top of QUICK_SCALE
 # Experiments that sweep tiny models of their own: with --model they have nothing to run on.
 TINY_ONLY = ("kernel_balance",)
 
@@ -94,7 +95,7 @@ QUICK_SCALE: dict[str, dict[str, Any]] = {
                            batch_size=16, analyse_every=6, checkpoints=2, ntk_per_class=2, ntk_batch_size=20),
     **{name: dict(quick=True) for name in LLM},
     # (the quick modes' own extras that the smoke run can do without)
-    "dpo_dynamics": dict(quick=True, starts=("sft",), trainable=("full",)),
+    "dpo_dynamics": dict(quick=True, starts=("sft",)),
     "regime_search": dict(quick=True, regimes=("reference", "head_only")),
     "mitigation": dict(quick=True, powers=(0.5,)),
 }
@@ -176,7 +177,8 @@ class Config:
     out: str = dataclasses.field(default="results", metadata={"help": "output directory (one subfolder per experiment, REPORT.md, claims.json)"})
     only: tuple[str, ...] = dataclasses.field(default=(), metadata={"help": "experiments to run, or 'all' (default: all; with --quick: "
                                                                              + ", ".join(SMOKE) + "): " + ", ".join(EXPERIMENTS)})
-    quick: bool = dataclasses.field(default=False, metadata={"help": "a smoke run (each experiment's quick mode, one seed): its numbers are not results"})
+    quick: bool = dataclasses.field(default=False, metadata={"help": "the one-minute smoke run (" + ", ".join(SMOKE) + " in their quick modes, one seed; "
+                                                                   "with --only all: every experiment): its numbers are not results"})
     seeds: int = dataclasses.field(default=3, metadata={"help": "model seeds of the LLM experiments (0..N-1; the claims need >= 3)"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed of the classification experiments"})
     data: str = dataclasses.field(default="", metadata={"help": "preference JSONL (hh / ultrafeedback / plain) for the LLM experiments; empty = the embedded world"})
@@ -223,6 +225,8 @@ def experiment_config(name: str, config: Config) -> Any:
         cache = module.Config.__dataclass_fields__["compile_cache"].type
         values["compile_cache"] = True if cache in (bool, "bool") else str(run_dir / "jax_cache")
     values.update((QUICK_SCALE if config.quick else CPU_SCALE).get(name, {}))
+    if config.quick and not config.only:  # the one-minute smoke run
+        values.update(SMOKE_SCALE.get(name, {}))
     return module.Config(**{k: v for k, v in values.items() if k in fields})
 
 

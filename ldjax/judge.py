@@ -54,7 +54,6 @@ exactly one of the world's topics.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import string
 from collections import defaultdict
@@ -500,6 +499,9 @@ class LMJudge:
 # --------------------------------------------------------------------------- smoothed style judge
 
 
+_STYLE_JUDGES: dict[Any, "StyleNgramJudge"] = {}  # StyleNgramJudge.of_world's fitted judges, by world config
+
+
 class StyleNgramJudge:
     """The world's two generators as smoothed n-gram models: a graded judge for model generations.
 
@@ -548,7 +550,12 @@ class StyleNgramJudge:
         fitted once per process and world config and shared: fitting samples 12,000 responses
         (seconds of Python), and every judged job of a run asks for the same one. The judge is
         never modified after fitting; callers must not modify it either."""
-        return _style_judge_of(world.config)
+        config = world.config
+        if config not in _STYLE_JUDGES:
+            while len(_STYLE_JUDGES) >= 4:  # a few worlds per process at most; drop the oldest
+                _STYLE_JUDGES.pop(next(iter(_STYLE_JUDGES)))
+            _STYLE_JUDGES[config] = cls(world)
+        return _STYLE_JUDGES[config]
 
     def _fit(self, texts: list[list[str]]) -> dict[str, Any]:
         unigram: dict[str, int] = defaultdict(int)
@@ -807,9 +814,3 @@ def pool_win_rates(results: Sequence[WinRate], *, confidence: float | None = Non
 
 
 __all__ = ["LOG_FLOOR", "WorldJudge", "StyleNgramJudge", "TokenJudgeTables", "token_judge_scores", "LMJudge", "WinRate", "win_rate", "pool_win_rates", "binomial_interval"]
-
-
-@functools.lru_cache(maxsize=4)
-def _style_judge_of(config: Any) -> StyleNgramJudge:
-    from ldjax.data.world import shared_world
-    return StyleNgramJudge(shared_world(config))

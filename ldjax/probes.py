@@ -606,15 +606,16 @@ class ProbeScorer:
         self.fused = fused
         self.length_multiple = length_multiple
         self._lengths: dict[int, int] = {}
-        self._shapes: set[tuple[tuple[int, ...], ...]] = set()
+        self._shapes: set[tuple[Any, ...]] = set()
 
     def _run(self, params, *batch):
-        self._shapes.add(tuple(np.shape(x) for x in batch))
+        self._shapes.add(tuple((np.shape(x), np.result_type(x)) for x in batch))
         return _score_pass(params, *batch, logits_fn=self._logits_fn, per_position=self.per_position)
 
     def compiled_shapes(self) -> int:
-        """How many input shapes this scorer's pass has run at (1 after scoring any probe set):
-        one compilation each, shared with every scorer of the same model structure."""
+        """How many input shapes (and dtypes) this scorer's pass has run at (1 after scoring any
+        probe set). Each needs one compiled program, which every scorer of the same model
+        structure shares (only the first to meet a shape compiles it)."""
         return len(self._shapes)
 
     def trimmed_length(self, probe_set: ProbeSet) -> int:
@@ -687,8 +688,8 @@ def score_probes(model, probe_set: ProbeSet, params=None, *, batch_size: int | N
                  per_position: bool = False, families: Sequence[str] | None = None) -> dict[str, FamilyScores]:
     """One-off :class:`ProbeScorer` call: ``{family: FamilyScores}`` for ``model`` at ``params``.
 
-    Builds (and compiles) a new scorer each time; keep a :class:`ProbeScorer` to score many
-    checkpoints with one compilation.
+    Builds a new scorer each time (its compiled pass is shared by every scorer of the same model
+    structure and shape; a functional ``apply_fn`` compiles once per function object).
     """
     return ProbeScorer(model, batch_size=batch_size, per_position=per_position)(params, probe_set, families)
 

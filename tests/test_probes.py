@@ -279,12 +279,17 @@ def test_scores_equal_hand_computation_and_compile_once(probe_set, model):
     scorer = probes.ProbeScorer(model, batch_size=2, per_position=True)  # 5 prompts: chunks 2, 2, 1 (padded)
     scores = scorer(None, probe_set)
     assert scorer.compiled_shapes() == 1  # every family and chunk: one shape
-    # A scorer of another instance of the same structure reuses the compiled pass.
+    # A scorer of another model of the same structure (other weights) reuses the compiled pass,
+    # and scores its own weights, not those the pass was compiled with.
     compiled = probes._score_pass._cache_size()
-    other_model = nnx.merge(*nnx.split(model))
+    other_model = tiny_model(model.config.vocab_size, seed=1)
     other = probes.ProbeScorer(other_model, batch_size=2, per_position=True)(None, probe_set, ("chosen",))
     assert probes._score_pass._cache_size() == compiled
-    np.testing.assert_allclose(other["chosen"].logps, scores["chosen"].logps, rtol=1e-12)
+    arrays = probe_set.arrays["chosen"]
+    want = by_hand(np.asarray(forward(other_model, arrays["input_ids"], arrays["attention_mask"])),
+                   arrays["input_ids"], arrays["loss_mask"])
+    np.testing.assert_allclose(other["chosen"].logps, want["logps"], rtol=1e-10)
+    assert not np.allclose(other["chosen"].logps, scores["chosen"].logps)
     for family in ("chosen", "shuffled_other"):
         arrays = probe_set.arrays[family]
         logits = np.asarray(forward(model, arrays["input_ids"], arrays["attention_mask"]))

@@ -29,6 +29,9 @@ def test_selection_all_smoke_and_only():
     # --only keeps the main job's order, whatever the order given
     assert reproduce.selected(reproduce.Config(only=("token_squeeze", "first_order"))) == ["first_order", "token_squeeze"]
     assert set(reproduce.SMOKE) <= set(reproduce.EXPERIMENTS)
+    # the smoke run trims dpo_dynamics further; --quick --only ... keeps each experiment's quick mode
+    assert reproduce.experiment_config("dpo_dynamics", reproduce.Config(quick=True)).trainable == ("full",)
+    assert reproduce.experiment_config("dpo_dynamics", reproduce.Config(quick=True, only=("all",))).trainable == ("full", "head")
 
 
 def test_bad_flags_end_in_one_line_with_status_2(tmp_path):

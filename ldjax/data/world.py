@@ -621,6 +621,7 @@ def shared_world(config: WorldConfig = WorldConfig()) -> World:
 
     Generating the default world takes ~2 s of pure Python (its pretraining answers), and every
     job of a run (data, probes, judge) asks for it again; ``ldjax reproduce`` runs dozens of jobs.
-    The world is never modified after it is built; callers must not modify it either.
+    Every caller gets the same object, lists and tokenizer included: nothing in ldjax modifies
+    a world after building it, and callers must not either (copy what you want to change).
     """
     return build_world(config)

@@ -31,8 +31,8 @@ class ModuleApply:
         a mapping (the training engine's batches), instead of ``module(x)``.
 
     Equality and hash follow the structure (see the module docstring). When the module has
-    non-parameter state (arrays) or a call argument is unhashable, the object is equal only to
-    itself, as a closure would be: correct, just compiled per instance.
+    non-parameter state (arrays), or its graph definition or a call argument is unhashable, the
+    object is equal only to itself, as a closure would be: correct, just compiled per instance.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, rest: nnx.State, *, method: str | None = None,
@@ -45,6 +45,7 @@ class ModuleApply:
         except TypeError:
             key = None
         self._key = None if jax.tree_util.tree_leaves(rest) else key
+        self._hash = hash(self._key) if self._key is not None else id(self)  # jit hashes static args per call
 
     def module(self, params: Any) -> nnx.Module:
         """The module with ``params`` (a fresh ``nnx.merge``, safe under tracing)."""
@@ -63,7 +64,7 @@ class ModuleApply:
         return isinstance(other, ModuleApply) and self._key is not None and self._key == other._key
 
     def __hash__(self) -> int:
-        return hash(self._key) if self._key is not None else id(self)
+        return self._hash
 
     def __repr__(self) -> str:
         shared = "shared by structure" if self._key is not None else "per instance"

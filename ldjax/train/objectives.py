@@ -202,7 +202,13 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict
     """
     keys = [k for k in arrays if k.startswith(("chosen_", "rejected_"))]
     run = _reference_token_logps if per_token else _reference_sequence_logps
-    chosen, rejected = _over_rows(lambda batch: run(graphdef, params, rest, batch), arrays, keys, batch_size, mesh)
+    try:
+        hash(graphdef)
+    except TypeError:  # an unhashable static attribute: compiled for this call only
+        run = jax.jit(functools.partial(run.__wrapped__, graphdef))
+        chosen, rejected = _over_rows(lambda batch: run(params, rest, batch), arrays, keys, batch_size, mesh)
+    else:
+        chosen, rejected = _over_rows(lambda batch: run(graphdef, params, rest, batch), arrays, keys, batch_size, mesh)
     out = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
     if per_token:
         out = {"ref_chosen_token_logps": chosen, "ref_rejected_token_logps": rejected,
