@@ -443,7 +443,8 @@ def bench_tracking(size_name: str, config: Config) -> dict[str, Any]:
     compile_s["train_step"] = time.perf_counter() - t
     # Warm the scorers with parameters of the kind the loop hands them (device arrays placed as
     # the train state is), for every shape they will see (the subset window is another shape),
-    # so that the timed runs never compile.
+    # so that the timed runs never compile. Scorers of one model structure share compiled passes
+    # (ldjax.probes._score_pass): a later scorer's compile_s counts only the shapes no earlier one met.
     live_params = warm.params
     window = _window(sft.track_every, sft.track_every, m, num_prompts)
     score_check = {}
