@@ -49,9 +49,15 @@ OPENER = "opener_history"
 
 @pytest.fixture
 def tiny_grammar(monkeypatch):
-    """Function-scoped, so the real grammar is back before any other test builds a world."""
+    """Function-scoped, so the real grammar is back before any other test builds a world (and no
+    world of the tiny grammar stays in the process-wide caches)."""
+    from ldjax import judge
+    W.shared_world.cache_clear()
+    monkeypatch.setattr(judge, "_STYLE_JUDGES", {})
     for name, value in TINY.items():
         monkeypatch.setattr(W, name, value)
+    yield
+    W.shared_world.cache_clear()
 
 
 def tiny_config(style, divergence=0.5):
