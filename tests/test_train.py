@@ -365,6 +365,35 @@ def test_reference_logps_once_on_a_mesh_with_a_ragged_last_chunk():
     np.testing.assert_allclose(ref["ref_rejected_logps"], expected, rtol=1e-5)
 
 
+class _Unhashable:
+    __hash__ = None
+
+    def __eq__(self, other):
+        return isinstance(other, _Unhashable)
+
+
+def test_reference_logps_shared_per_structure_and_with_an_unhashable_graph_definition():
+    data = preference_arrays(n=5)
+    compiled = None
+    for seed in (0, 1):  # the second model (other weights) reuses the compiled pass, with its own weights
+        model = tiny_lm(seed)
+        graphdef, params, rest = steps.split_model(model)
+        ref = objectives.reference_logps(graphdef, params, rest, data, batch_size=2)
+        expected = logps_by_hand(model, data["chosen_input_ids"], data["chosen_attention_mask"], data["chosen_loss_mask"])
+        np.testing.assert_allclose(ref["ref_chosen_logps"], expected, rtol=1e-5)
+        if compiled is None:
+            compiled = objectives._reference_sequence_logps._cache_size()
+    assert objectives._reference_sequence_logps._cache_size() == compiled
+    # A static attribute that cannot be hashed: the graph definition cannot be a jit static
+    # argument, so the pass is compiled for this call alone (same values).
+    model.note = _Unhashable()
+    graphdef, params, rest = steps.split_model(model)
+    with pytest.raises(TypeError):
+        hash(graphdef)
+    ref = objectives.reference_logps(graphdef, params, rest, data, batch_size=2, per_token=True)
+    np.testing.assert_allclose(ref["ref_chosen_logps"], expected, rtol=1e-5)
+
+
 def test_sft_objective_is_mean_negative_logp():
     model = tiny_lm()
     d = preference_arrays()

@@ -10,7 +10,6 @@ Preference batches also carry the reference log-probs ``ref_chosen_logps`` and
 from __future__ import annotations
 
 import functools
-
 from typing import Any, Callable
 
 import jax
