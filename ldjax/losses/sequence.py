@@ -111,9 +111,12 @@ def probability_weights(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.
     Returns:
       (B, T) in the compute dtype of :func:`token_logps`.
     """
-    logps = jax.lax.stop_gradient(token_logps(logits, input_ids, loss_mask))
-    scored = _scored(loss_mask, bool)
-    return jnp.where(scored, jnp.exp(power * logps), jnp.zeros((), logps.dtype))
+    return _weights_of(token_logps(logits, input_ids, loss_mask), loss_mask, power)
+
+
+def _weights_of(per_token: jax.Array, loss_mask: jax.Array, power: float) -> jax.Array:
+    logps = jax.lax.stop_gradient(per_token)
+    return jnp.where(_scored(loss_mask, bool), jnp.exp(power * logps), jnp.zeros((), logps.dtype))
 
 
 def reweighted_sequence_logps(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
@@ -144,9 +147,7 @@ def probability_weighted_logps(logits: jax.Array, input_ids: jax.Array, loss_mas
     """:func:`reweighted_sequence_logps` with the weights of :func:`probability_weights`, from one
     log-softmax pass: ``log π(y|x)`` in value, gradient ``Σ_t π(y_t)^power ∂ log π(y_t)``."""
     per_token = token_logps(logits, input_ids, loss_mask)
-    weights = jnp.where(_scored(loss_mask, bool), jnp.exp(power * jax.lax.stop_gradient(per_token)),
-                        jnp.zeros((), per_token.dtype))
-    return _reweighted_sum(per_token, weights, loss_mask, average)
+    return _reweighted_sum(per_token, _weights_of(per_token, loss_mask, power), loss_mask, average)
 
 
 def _reweighted_sum(per_token, weights, loss_mask, average: bool) -> jax.Array:

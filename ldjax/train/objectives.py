@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from ldjax import losses
+from ldjax.models.functional import ModuleApply
 from ldjax.train import sharding as sharding_lib
 
 Batch = dict[str, jax.Array]
@@ -174,16 +175,17 @@ def ppo_clip_objective(*, epsilon: float = 0.2) -> Callable:
     return loss_fn
 
 
-# Module level with the graph definition static: one compilation per model structure and
-# shape, shared by every job of a process (the reference pass of each DPO job of a sweep).
+# Module level with the model's structure static (a ModuleApply: equal for equal graph
+# definitions, identity otherwise): one compilation per model structure and shape, shared by
+# every job of a process (the reference pass of each DPO job of a sweep).
 @functools.partial(jax.jit, static_argnums=0)
-def _reference_sequence_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch):
-    return policy_logps(nnx.merge(graphdef, params, rest), batch)
+def _reference_sequence_logps(model_of: ModuleApply, params: Any, batch: Batch):
+    return policy_logps(model_of.module(params), batch)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _reference_token_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch):
-    model = nnx.merge(graphdef, params, rest)
+def _reference_token_logps(model_of: ModuleApply, params: Any, batch: Batch):
+    model = model_of.module(params)
     return tuple(losses.token_logps(_forward(model, batch[f"{s}_input_ids"], batch[f"{s}_attention_mask"]),
                                     batch[f"{s}_input_ids"], batch[f"{s}_loss_mask"]) for s in ("chosen", "rejected"))
 
@@ -201,13 +203,8 @@ def reference_logps(graphdef: nnx.GraphDef, params: Any, rest: Any, arrays: dict
     """
     keys = [k for k in arrays if k.startswith(("chosen_", "rejected_"))]
     run = _reference_token_logps if per_token else _reference_sequence_logps
-    try:
-        hash(graphdef)
-    except TypeError:  # an unhashable static attribute: compiled for this call only
-        run = jax.jit(functools.partial(run.__wrapped__, graphdef))
-        chosen, rejected = _over_rows(lambda batch: run(params, rest, batch), arrays, keys, batch_size, mesh)
-    else:
-        chosen, rejected = _over_rows(lambda batch: run(graphdef, params, rest, batch), arrays, keys, batch_size, mesh)
+    model_of = ModuleApply(graphdef, rest)
+    chosen, rejected = _over_rows(lambda batch: run(model_of, params, batch), arrays, keys, batch_size, mesh)
     out = {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
     if per_token:
         out = {"ref_chosen_token_logps": chosen, "ref_rejected_token_logps": rejected,
