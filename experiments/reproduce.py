@@ -315,7 +315,7 @@ def write_report(config: Config, summary: dict[str, dict[str, Any]], rows: list[
     model = f"`{config.model}`" if config.model else "tiny models pretrained here"
     lines = ["# ldjax reproduce: the learning dynamics of LLM finetuning, measured", ""]
     if config.quick:
-        ran = [n for n in summary]
+        ran = list(summary)
         lines += [f"> **QUICK SMOKE RUN (`--quick`)**: {len(ran)} of {len(EXPERIMENTS)} experiments "
                   f"({', '.join(ran)}) in their seconds-long quick modes with one seed. "
                   "These numbers check that the pipeline runs; they are **not results**"
